@@ -1,0 +1,1 @@
+//! Our own small test guests, assembled from source by the build script.

@@ -1,0 +1,1 @@
+//! Counters, histograms, traces and the benchmarks.
