@@ -1,0 +1,1 @@
+//! The in-module ("in-kernel") device cores: register-level, no runtime dependencies.
