@@ -1,0 +1,122 @@
+//! Small fast-stage platform devices: the debug-exit port, the i8042 reset line, the boot-done port.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::platform::{le_value, BusDevice, VmRequest, VmRequests};
+
+/// The isa-debug-exit port (QEMU's convention, used by standard x86 test kernels).
+pub const DEBUG_EXIT_PORT: u64 = 0xf4;
+/// Our boot-done port: the guest writes any value once when it has booted, so the monitor can time it.
+pub const BOOT_DONE_PORT: u64 = 0xf5;
+/// The i8042 data port (0x60) and command/status port (0x64) are decoded as one range from 0x60.
+pub const I8042_BASE: u64 = 0x60;
+/// Length of the i8042 range (0x60..=0x64).
+pub const I8042_LEN: u64 = 5;
+
+/// A write of `v` ends the VM with status `(v << 1) | 1`.
+#[derive(Debug)]
+pub struct DebugExit {
+    requests: Arc<VmRequests>,
+}
+
+impl DebugExit {
+    /// The device, raising its request on `requests`.
+    pub fn new(requests: Arc<VmRequests>) -> Self {
+        Self { requests }
+    }
+}
+
+impl BusDevice for DebugExit {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let v = u32::try_from(le_value(data) & 0xffff_ffff).unwrap_or(u32::MAX);
+        self.requests.request(VmRequest::DebugExit(v));
+    }
+}
+
+/// Just enough of an i8042 keyboard controller for the reset line: command 0xfe on port 0x64 pulses
+/// the CPU reset, which ends the VM with the reboot status. Status reads say "no data, input empty" so a
+/// kernel's probe gives up quickly.
+#[derive(Debug)]
+pub struct I8042 {
+    requests: Arc<VmRequests>,
+}
+
+impl I8042 {
+    /// The device, raising its request on `requests`.
+    pub fn new(requests: Arc<VmRequests>) -> Self {
+        Self { requests }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            // Status: output buffer empty, input buffer empty, system flag set.
+            4 => data.fill(0),
+            0 => data.fill(0),
+            _ => {}
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 4 && data.first() == Some(&0xfe) {
+            self.requests.request(VmRequest::Reset);
+        }
+    }
+}
+
+/// The boot-done port: the first write records the host time.
+#[derive(Debug)]
+pub struct BootDone {
+    requests: Arc<VmRequests>,
+    start: Instant,
+}
+
+impl BootDone {
+    /// The device; times are measured from `start`.
+    pub fn new(requests: Arc<VmRequests>, start: Instant) -> Self {
+        Self { requests, start }
+    }
+}
+
+impl BusDevice for BootDone {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        let ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.requests.set_boot_done(ns);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_exit_and_reset_raise_requests() {
+        let r = Arc::new(VmRequests::new());
+        DebugExit::new(r.clone()).write(0, &[0x10, 0, 0, 0]);
+        assert_eq!(r.pending(), Some(VmRequest::DebugExit(0x10)));
+        assert_eq!(r.pending().unwrap().exit_status(), 0x21);
+
+        let r = Arc::new(VmRequests::new());
+        let mut k = I8042::new(r.clone());
+        k.write(4, &[0xd1]);
+        assert_eq!(r.pending(), None);
+        k.write(0, &[0xfe]);
+        assert_eq!(r.pending(), None, "0xfe on the data port is not a reset");
+        k.write(4, &[0xfe]);
+        assert_eq!(r.pending(), Some(VmRequest::Reset));
+    }
+
+    #[test]
+    fn boot_done_records_first_write() {
+        let r = Arc::new(VmRequests::new());
+        let mut b = BootDone::new(r.clone(), Instant::now());
+        assert_eq!(r.boot_done(), None);
+        b.write(0, &[1]);
+        let t = r.boot_done().unwrap();
+        b.write(0, &[1]);
+        assert_eq!(r.boot_done(), Some(t));
+    }
+}
