@@ -19,8 +19,9 @@
 set -euo pipefail
 
 RIG_PROG=guest-linux/fetch.sh
+export RIG_PROG
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=../rig/lib/common.sh
+# shellcheck source-path=SCRIPTDIR source=../rig/lib/common.sh
 . "$here/../rig/lib/common.sh"
 
 flavour=cloud
@@ -61,15 +62,7 @@ if [[ ! -f $out/.done ]]; then
     rm -rf "$out"
     mkdir -p "$out/root"
     root=$out/root
-    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc}
-    cp "$bdir/bin/busybox" "$root/bin/busybox"
-    # Applet links, made here rather than by 'busybox --install' at boot: the
-    # guest reaches its marker sooner.
-    while read -r applet; do
-        [[ $applet == bin/busybox ]] && continue
-        mkdir -p "$root/$(dirname "$applet")"
-        ln -sf /bin/busybox "$root/$applet"
-    done < <("$bdir/bin/busybox" --list-full)
+    rig_busybox_root "$bdir" "$root"
     install -m 0755 "$here/init" "$root/init"
     rig_cpio_tree "$root" "$out/tree.cpio"
     rig_cpio_devnodes "$out/dev.cpio"

@@ -5,11 +5,9 @@
 # real hardware-virtualization host). Logs go to stderr; stdout is left to the
 # calling script for its machine-readable output.
 
+# shellcheck disable=SC2034 # used by the scripts that source this file
 # Exit codes shared by the rig's host-side scripts (documented in rig/README.md).
-readonly RIG_EX_USAGE=2
-readonly RIG_EX_HOST_TOOLS=10
-readonly RIG_EX_DOWNLOAD=11
-readonly RIG_EX_BUILD=12
+readonly RIG_EX_USAGE=2 RIG_EX_HOST_TOOLS=10 RIG_EX_DOWNLOAD=11 RIG_EX_BUILD=12
 
 rig_log() { printf '%s: %s\n' "${RIG_PROG:-rig}" "$*" >&2; }
 
@@ -128,6 +126,21 @@ rig_cpio_devnodes() {
         _rig_cpio_entry dev/kvm $((8#020660)) 10 232
         _rig_cpio_entry 'TRAILER!!!' 0 0 0
     } >"$out"
+}
+
+# rig_busybox_root BUSYBOX_PKG_DIR ROOT: a static busybox at ROOT/bin/busybox
+# with its applet links (made here rather than by 'busybox --install' at boot,
+# so a guest reaches its init's first line sooner).
+rig_busybox_root() {
+    local bdir=$1 root=$2 applet
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc}
+    cp "$bdir/bin/busybox" "$root/bin/busybox"
+    while read -r applet; do
+        [[ $applet == bin/busybox ]] && continue
+        mkdir -p "$root/$(dirname "$applet")"
+        ln -sf /bin/busybox "$root/$applet"
+    done < <("$bdir/bin/busybox" --list-full) ||
+        rig_die "$RIG_EX_BUILD" initramfs "cannot list busybox applets"
 }
 
 # ---------------------------------------------------------------------------

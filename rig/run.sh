@@ -1,0 +1,347 @@
+#!/usr/bin/env bash
+# The hardware-virtualization rig: run a payload inside an outer VM ("L1") whose
+# stock Debian kernel loads kvm_amd on the AMD SVM + nested paging that QEMU's
+# software emulator (TCG) provides, so the payload has a real hardware-style
+# /dev/kvm even where the host's own /dev/kvm cannot boot Linux guests.
+#
+# Usage:
+#   rig/run.sh --peer [OPTIONS]              QEMU (-M pc, -M microvm) boots the test guest
+#                                            inside L1: start-to-marker, total time, exits
+#   rig/run.sh --bhyve PATH [OPTIONS]        our static bhyve boots the test guest inside
+#                                            L1: 1 and 2 vCPUs, quiet and not quiet
+#   rig/run.sh --payload DIR [OPTIONS]       any payload: DIR/run.sh runs in L1 (busybox sh)
+#
+# Options:
+#   --runs N             timed runs per configuration (--peer; default 3)
+#   --machines "LIST"    QEMU machine types for --peer (default "pc microvm")
+#   --no-count-exits     --peer: skip the extra run that counts exits
+#   --guest-append STR   append STR to the test guest's kernel command line
+#                        (e.g. 'init=/nope rdinit=/nope' to see "marker-missing")
+#   --guest-timeout S    limit for one guest run inside L1 (default 120)
+#   --timeout S          limit for the whole outer VM (default 1200)
+#   --l1-smp N, --l1-mem SIZE, --l1-append STR   outer VM settings (default 2, 2G, "")
+#   --out DIR            where to write results (default .cache/rig/runs/DATE-MODE)
+#   -v, --verbose        stream the outer VM's console to stderr while it runs
+#
+# Environment: BHYVE_RS_CACHE (cache root, default <repo>/.cache; the rig uses
+# its rig/ and debs/ and pkg/ subfolders).
+#
+# Output files in --out DIR: console.log (outer VM console), results.txt
+# (KEY=VALUE, one per RIG-RESULT line, plus rig.* lines), consoles/NAME.log
+# (each inner VM's console). The results also go to stdout.
+#
+# Exit status: the payload's (0 = all passed), or the rig's own:
+#   2 usage, 10 host tools, 11 download, 12 initramfs build,
+#   20 L1 did not boot to its init, 21 module load, 22 /dev/kvm missing,
+#   23 guest marker missing, 24 guest timeout, 25 VMM exit status unexpected,
+#   26 payload timeout (outer VM limit reached), 27 payload missing.
+set -euo pipefail
+
+RIG_PROG=rig/run.sh
+export RIG_PROG
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$here/lib/common.sh"
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+
+mode=
+payload_src=
+bhyve_bin=
+runs=3
+machines="pc microvm"
+count_exits=1
+guest_append=
+guest_timeout=120
+outer_timeout=1200
+l1_smp=2
+l1_mem=2G
+l1_append=
+out=
+verbose=0
+need() { [[ $# -ge 2 && -n $2 ]] || rig_die "$RIG_EX_USAGE" usage "$1 needs a value (see --help)"; }
+while (($#)); do
+    case $1 in
+        --peer) mode=peer; shift ;;
+        --bhyve) need "$@"; mode=bhyve; bhyve_bin=$2; shift 2 ;;
+        --payload) need "$@"; mode=payload; payload_src=$2; shift 2 ;;
+        --runs) need "$@"; runs=$2; shift 2 ;;
+        --machines) need "$@"; machines=$2; shift 2 ;;
+        --no-count-exits) count_exits=0; shift ;;
+        --guest-append) need "$@"; guest_append=$2; shift 2 ;;
+        --guest-timeout) need "$@"; guest_timeout=$2; shift 2 ;;
+        --timeout) need "$@"; outer_timeout=$2; shift 2 ;;
+        --l1-smp) need "$@"; l1_smp=$2; shift 2 ;;
+        --l1-mem) need "$@"; l1_mem=$2; shift 2 ;;
+        --l1-append) need "$@"; l1_append=$2; shift 2 ;;
+        --out) need "$@"; out=$2; shift 2 ;;
+        -v | --verbose) verbose=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) rig_die "$RIG_EX_USAGE" usage "unknown argument '$1' (see --help)" ;;
+    esac
+done
+[[ -n $mode ]] || rig_die "$RIG_EX_USAGE" usage "say what to run: --peer, --bhyve PATH or --payload DIR (see --help)"
+for n in "$runs" "$guest_timeout" "$outer_timeout" "$l1_smp"; do
+    [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || rig_die "$RIG_EX_USAGE" usage "'$n' is not a positive number"
+done
+if [[ $mode == bhyve ]]; then
+    [[ -f $bhyve_bin && -x $bhyve_bin ]] || rig_die "$RIG_EX_USAGE" usage "--bhyve $bhyve_bin: no such executable"
+    bhyve_bin=$(cd "$(dirname "$bhyve_bin")" && pwd)/$(basename "$bhyve_bin")
+    if command -v file >/dev/null && ! file -L "$bhyve_bin" | grep -q 'statically linked\|static-pie linked'; then
+        rig_log "warning: $bhyve_bin does not look statically linked; L1 has no shared libraries for it"
+    fi
+fi
+if [[ $mode == payload ]]; then
+    [[ -f $payload_src/run.sh ]] || rig_die "$RIG_EX_USAGE" usage "--payload $payload_src: it has no run.sh"
+fi
+
+cache=$(rig_cache_root)
+rc_dir=$cache/rig
+mkdir -p "$rc_dir"
+started=$(date +%s)
+
+# --- (a) host tools ---------------------------------------------------------
+missing=()
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v cpio >/dev/null || missing+=(cpio)
+command -v depmod >/dev/null || [[ -x /usr/sbin/depmod ]] || [[ -x /sbin/depmod ]] || missing+=(kmod)
+if ((${#missing[@]})); then
+    [[ $(id -u) == 0 ]] || rig_die "$RIG_EX_HOST_TOOLS" host-tools "missing ${missing[*]}: run 'apt-get install ${missing[*]}' as root"
+    rig_log "installing host tools: ${missing[*]}"
+    rig_apt_update_once
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+        rig_die "$RIG_EX_HOST_TOOLS" host-tools "apt-get install ${missing[*]} failed"
+fi
+PATH=$PATH:/usr/sbin:/sbin
+
+# --- (b) L1 kernel, its kvm modules, busybox --------------------------------
+l1_pkg=$(rig_deb_resolve_dep linux-image-amd64 linux-image-6)
+l1_ver=$(rig_deb_candidate "$l1_pkg")
+l1_dir=$(rig_deb_fetch "$l1_pkg")
+bb_ver=$(rig_deb_candidate busybox-static)
+bb_dir=$(rig_deb_fetch busybox-static)
+kver=${l1_pkg#linux-image-}
+l1_kernel=$l1_dir/boot/vmlinuz-$kver
+[[ -f $l1_kernel ]] || rig_die "$RIG_EX_DOWNLOAD" download "$l1_pkg has no boot/vmlinuz-$kver"
+moddir=$l1_dir/lib/modules/$kver
+if [[ ! -f $moddir/modules.dep ]]; then
+    rig_log "depmod for $kver"
+    depmod -b "$l1_dir" "$kver" || rig_die "$RIG_EX_BUILD" modules "depmod -b $l1_dir $kver failed"
+fi
+
+# Load order for kvm-amd from modules.dep: every module after the ones it needs.
+declare -A seen=()
+order=()
+add_module() {
+    local m=$1 deps d
+    [[ -n ${seen[$m]:-} ]] && return 0
+    seen[$m]=1
+    deps=$(awk -v m="$m" -F': *' '$1 == m {print $2; exit}' "$moddir/modules.dep")
+    if ! grep -q "^$m:" "$moddir/modules.dep"; then
+        rig_die "$RIG_EX_BUILD" modules "$m is not in $moddir/modules.dep"
+    fi
+    for d in $deps; do add_module "$d"; done
+    order+=("$m")
+}
+add_module kernel/arch/x86/kvm/kvm-amd.ko
+
+# --- (c) L1 base initramfs (cached) -----------------------------------------
+l1_key=$({ printf '%s\n' "$l1_pkg=$l1_ver" "busybox-static=$bb_ver" "${order[@]}"; cat "$here/l1/init" "$here/l1/harness.sh" "$here/lib/common.sh"; } | rig_hash)
+l1_cpio=$rc_dir/l1/$l1_key.cpio
+if [[ ! -f $l1_cpio ]]; then
+    rig_log "building the L1 initramfs ($l1_key)"
+    stage=$rc_dir/stage-l1
+    rm -rf "$stage"
+    rig_busybox_root "$bb_dir" "$stage"
+    mkdir -p "$stage/rig/modules" "$stage/payload" "$stage/sys/kernel/debug" "$stage/sys/kernel/tracing"
+    for m in "${order[@]}"; do
+        mkdir -p "$stage/rig/modules/$(dirname "$m")"
+        cp "$moddir/$m" "$stage/rig/modules/$m"
+    done
+    printf '%s\n' "${order[@]}" >"$stage/rig/modules.order"
+    install -m 0755 "$here/l1/init" "$stage/init"
+    install -m 0644 "$here/l1/harness.sh" "$stage/rig/harness.sh"
+    mkdir -p "$rc_dir/l1"
+    rig_cpio_tree "$stage" "$l1_cpio.tree"
+    rig_cpio_devnodes "$l1_cpio.dev"
+    cat "$l1_cpio.tree" "$l1_cpio.dev" >"$l1_cpio.tmp"
+    rm -rf "$stage" "$l1_cpio.tree" "$l1_cpio.dev"
+    mv "$l1_cpio.tmp" "$l1_cpio"
+fi
+parts=("$l1_cpio")
+
+# --- QEMU inside L1 (--peer): the host's QEMU, its libraries and firmware ----
+qemu_ver=
+if [[ $mode == peer ]]; then
+    qbin=$(command -v qemu-system-x86_64)
+    qemu_ver=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || qemu-system-x86_64 --version | head -n1)
+    libs=$(ldd "$qbin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
+    q_key=$({ printf '%s\n' "$qemu_ver" "$libs"; cat "$here/lib/common.sh"; } | rig_hash)
+    q_cpio=$rc_dir/qemu/$q_key.cpio
+    if [[ ! -f $q_cpio ]]; then
+        rig_log "packing the host's QEMU $qemu_ver for L1 ($q_key)"
+        stage=$rc_dir/stage-qemu
+        rm -rf "$stage"
+        mkdir -p "$stage/usr/bin" "$stage/usr/share"
+        cp "$qbin" "$stage/usr/bin/qemu-system-x86_64"
+        while read -r lib; do
+            mkdir -p "$stage$(dirname "$lib")"
+            cp -L "$lib" "$stage$lib"
+        done <<<"$libs"
+        for d in /usr/share/qemu /usr/share/seabios; do
+            [[ -d $d ]] && cp -a "$d" "$stage/usr/share/"
+        done
+        mkdir -p "$rc_dir/qemu"
+        rig_cpio_tree "$stage" "$q_cpio.tmp"
+        rm -rf "$stage"
+        mv "$q_cpio.tmp" "$q_cpio"
+    fi
+    parts+=("$q_cpio")
+fi
+
+# --- (d) the payload ----------------------------------------------------------
+guest_pkg=
+stage=$rc_dir/stage-payload
+rm -rf "$stage"
+mkdir -p "$stage/payload"
+if [[ $mode == peer || $mode == bhyve ]]; then
+    guest_env=$("$repo/guest-linux/fetch.sh" --no-vmlinux) || exit $?
+    GUEST_KERNEL=$(sed -n 's/^GUEST_KERNEL=//p' <<<"$guest_env")
+    GUEST_INITRD=$(sed -n 's/^GUEST_INITRD=//p' <<<"$guest_env")
+    guest_pkg=$(sed -n 's/^GUEST_KERNEL_PACKAGE=//p' <<<"$guest_env")
+    mkdir -p "$stage/payload/guest"
+    cp "$GUEST_KERNEL" "$stage/payload/guest/vmlinuz"
+    cp "$GUEST_INITRD" "$stage/payload/guest/initramfs.cpio"
+    cp "$here/payloads/$mode.sh" "$stage/payload/run.sh"
+    if [[ $mode == bhyve ]]; then cp "$bhyve_bin" "$stage/payload/bhyve"; fi
+    {
+        printf 'RIG_RUNS=%s\n' "$runs"
+        printf 'RIG_MACHINES=%q\n' "$machines"
+        printf 'RIG_COUNT_EXITS=%s\n' "$count_exits"
+        printf "RIG_GUEST_APPEND='%s'\n" "${guest_append//\'/}"
+        printf 'RIG_GUEST_TIMEOUT=%s\n' "$guest_timeout"
+    } >"$stage/payload/rig.conf"
+else
+    cp -a "$payload_src/." "$stage/payload/"
+fi
+p_key=$( (cd "$stage" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; find . -printf '%p %m %l\n' | LC_ALL=C sort) | rig_hash)
+p_cpio=$rc_dir/payload/$p_key.cpio
+if [[ ! -f $p_cpio ]]; then
+    mkdir -p "$rc_dir/payload"
+    rig_cpio_tree "$stage" "$p_cpio.tmp"
+    mv "$p_cpio.tmp" "$p_cpio"
+fi
+rm -rf "$stage"
+parts+=("$p_cpio")
+
+# One -initrd file: the archives back to back (the kernel unpacks them all).
+i_key=$(printf '%s\n' "${parts[@]}" | rig_hash)
+initrd=$rc_dir/initrd/$i_key.cpio
+if [[ ! -f $initrd ]]; then
+    mkdir -p "$rc_dir/initrd"
+    cat "${parts[@]}" >"$initrd.tmp"
+    mv "$initrd.tmp" "$initrd"
+    # Combined images are big and cheap to remake: keep the 3 newest.
+    find "$rc_dir/initrd" -name '*.cpio' -printf '%T@ %p\n' | sort -rn | tail -n +4 | cut -d' ' -f2- | xargs -r rm -f
+    find "$rc_dir/payload" -name '*.cpio' -printf '%T@ %p\n' | sort -rn | tail -n +11 | cut -d' ' -f2- | xargs -r rm -f
+fi
+
+# --- (e) run the outer VM ---------------------------------------------------
+[[ -n $out ]] || out=$rc_dir/runs/$(date +%Y%m%d-%H%M%S)-$mode
+mkdir -p "$out/consoles"
+log=$out/console.log
+results=$out/results.txt
+prep_s=$(($(date +%s) - started))
+rig_log "starting the outer VM (TCG, -smp $l1_smp, -m $l1_mem, limit ${outer_timeout}s); console: $log"
+qemu_cmd=(qemu-system-x86_64 -accel tcg -cpu max -smp "$l1_smp" -m "$l1_mem"
+    -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot
+    -kernel "$l1_kernel" -initrd "$initrd"
+    -append "console=ttyS0 panic=-1 quiet${l1_append:+ $l1_append}")
+t0=$(date +%s.%N)
+set +e
+if [[ $verbose == 1 ]]; then
+    timeout --foreground -k 10 "$outer_timeout" "${qemu_cmd[@]}" </dev/null 2>&1 | tee "$log" >&2
+    qrc=${PIPESTATUS[0]}
+else
+    timeout -k 10 "$outer_timeout" "${qemu_cmd[@]}" </dev/null >"$log" 2>&1
+    qrc=$?
+fi
+set -e
+t1=$(date +%s.%N)
+outer_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}')
+
+# --- (f) results --------------------------------------------------------------
+clean=$out/.console.txt
+tr -d '\r' <"$log" >"$clean"
+# Inner consoles, framed by RIG-CONSOLE-BEGIN/END NAME, lines prefixed "NAME| ".
+awk -v dir="$out/consoles" '
+    /^RIG-CONSOLE-BEGIN / { name = $2; f = dir "/" name ".log"; printf "" >f; next }
+    /^RIG-CONSOLE-END / { close(f); name = ""; next }
+    name != "" { p = name "| "; if (index($0, p) == 1) print substr($0, length(p) + 1) >>f }
+' "$clean"
+{
+    sed -n 's/^RIG-RESULT //p' "$clean"
+    printf 'rig.mode=%s\n' "$mode"
+    printf 'rig.l1_kernel_package=%s\n' "$l1_pkg=$l1_ver"
+    printf 'rig.busybox_package=%s\n' "busybox-static=$bb_ver"
+    [[ -n $guest_pkg ]] && printf 'rig.guest_kernel_package=%s\n' "$guest_pkg"
+    [[ -n $qemu_ver ]] && printf 'rig.qemu_package=%s\n' "qemu-system-x86=$qemu_ver"
+    printf 'rig.prepare_s=%s\n' "$prep_s"
+    printf 'rig.outer_vm_s=%s\n' "$outer_s"
+} >"$results"
+
+status=$(sed -n 's/^RIG-EXIT \([0-9]*\).*/\1/p' "$clean" | tail -n 1)
+fails=$(grep '^RIG-FAIL ' "$clean" || true)
+report_failure() { # STATUS STEP MESSAGE: say which step failed, show the console tail
+    local st=$1 step=$2 msg=$3
+    printf 'rig.failed_step=%s\nrig.exit_status=%s\n' "$step" "$st" >>"$results"
+    cat "$results"
+    printf '%s: FAILED step=%s: %s\n' "$RIG_PROG" "$step" "$msg" >&2
+    printf '%s: last 40 lines of the outer VM console (%s):\n' "$RIG_PROG" "$log" >&2
+    tail -n 40 "$clean" | sed 's/^/  | /' >&2
+    exit "$st"
+}
+if [[ -z $status ]]; then
+    if [[ $qrc == 124 || $qrc == 137 ]]; then
+        if grep -q '^RIG-STEP payload-start' "$clean"; then
+            report_failure 26 payload-timeout "the payload did not finish within ${outer_timeout}s (--timeout)"
+        elif grep -q '^RIG-STEP l1-init' "$clean"; then
+            report_failure 20 l1-setup "L1 reached its init but stalled before the payload (timeout ${outer_timeout}s)"
+        else
+            report_failure 20 l1-boot "L1 did not reach its init within ${outer_timeout}s"
+        fi
+    elif ! grep -q '^RIG-STEP l1-init' "$clean"; then
+        report_failure 20 l1-boot "the outer VM stopped (qemu status $qrc) before L1 reached its init"
+    else
+        report_failure 20 l1-crash "the outer VM stopped (qemu status $qrc) without a RIG-EXIT line"
+    fi
+fi
+printf 'rig.exit_status=%s\n' "$status" >>"$results"
+if [[ $status != 0 ]]; then
+    printf 'rig.failed_step=%s\n' "$(sed -n '1s/^RIG-FAIL step=\([^ ]*\).*/\1/p' <<<"$fails")" >>"$results"
+    cat "$results"
+    if [[ -n $fails ]]; then
+        while read -r line; do
+            step=${line#RIG-FAIL step=}
+            step=${step%% *}
+            msg=${line#RIG-FAIL step=* }
+            printf '%s: FAILED step=%s: %s\n' "$RIG_PROG" "$step" "$msg" >&2
+        done <<<"$fails"
+        # The failing inner run's console says most: show its tail.
+        first=$(sed -n '1s/^RIG-FAIL step=[^ ]* \([^:]*\):.*/\1/p' <<<"$fails")
+        if [[ -n $first && -f $out/consoles/$first.log ]]; then
+            printf '%s: last 40 lines of the console of %s (%s):\n' "$RIG_PROG" "$first" "$out/consoles/$first.log" >&2
+            tail -n 40 "$out/consoles/$first.log" | sed 's/^/  | /' >&2
+        else
+            printf '%s: last 40 lines of the outer VM console (%s):\n' "$RIG_PROG" "$log" >&2
+            tail -n 40 "$clean" | sed 's/^/  | /' >&2
+        fi
+    else
+        printf '%s: FAILED step=payload: the payload exited with status %s\n' "$RIG_PROG" "$status" >&2
+        tail -n 40 "$clean" | sed 's/^/  | /' >&2
+    fi
+    exit "$status"
+fi
+cat "$results"
+rig_log "passed in ${outer_s}s (outer VM); results: $results"
