@@ -1,2 +1,209 @@
 //! Guest loaders: Linux boot protocol (bzImage, ELF vmlinux), PVH and Multiboot v1.
-#![warn(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap, clippy::cast_lossless)]
+//!
+//! A loader writes the kernel, its boot structures and modules into guest memory and returns
+//! the CPU state at the kernel's first instruction as plain data ([`EntryState`]); it never
+//! touches a vCPU. The vCPU runner turns the entry state into registers.
+//!
+//! Images are untrusted input: every field taken from an image is checked, every failure is a
+//! [`LoaderError`] naming the field, offset or sizes involved, and no input panics. Nothing is
+//! written to guest memory until the whole image, command line and module set have been
+//! validated and placed.
+//!
+//! All fixed guest-physical addresses are in [`layout`].
+#![warn(
+    missing_docs,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
+
+mod elf;
+mod entry;
+mod error;
+pub mod layout;
+mod linux;
+mod mem;
+pub mod multiboot;
+pub mod pvh;
+
+pub use entry::{
+    regs, CpuMode, EntryState, Segment, CODE32_SELECTOR, CODE64_SELECTOR, DATA_SELECTOR,
+    GDT_ENTRIES, GDT_LIMIT, TSS_SELECTOR,
+};
+pub use error::LoaderError;
+pub use layout::{E820Entry, E820Type, Hole, MemoryLayout};
+pub use multiboot::load_multiboot;
+pub use pvh::load_pvh;
+
+use vm_memory::GuestMemory;
+
+/// Most vCPUs a boot configuration may ask for (x2APIC-free APIC IDs 0..=254).
+pub const MAX_CPUS: u32 = 254;
+
+/// A multiboot or PVH module: its contents and its command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootModule<'a> {
+    /// Module contents.
+    pub data: &'a [u8],
+    /// Module command line (the multiboot `string`, the PVH module `cmdline_paddr`).
+    pub cmdline: &'a str,
+}
+
+/// What to boot with: command line, initrd/modules, memory size, CPU count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootConfig<'a> {
+    /// Kernel command line (no NUL bytes).
+    pub cmdline: &'a str,
+    /// Initramfs. Linux: `ramdisk_image`; PVH and multiboot: module 0 (empty command line).
+    pub initrd: Option<&'a [u8]>,
+    /// Further modules (PVH and multiboot only; the Linux protocol refuses them).
+    pub modules: &'a [BootModule<'a>],
+    /// Guest RAM in bytes; the memory map is [`MemoryLayout::new`]`(mem_size)`.
+    pub mem_size: u64,
+    /// Number of vCPUs (1..=[`MAX_CPUS`]).
+    pub ncpus: u32,
+    /// Guest-physical address of the ACPI RSDP, if the VMM built ACPI tables
+    /// (Linux: `boot_params.acpi_rsdp_addr`; PVH: `rsdp_paddr`).
+    pub rsdp_addr: Option<u64>,
+}
+
+impl<'a> BootConfig<'a> {
+    /// A configuration with `mem_size` bytes of RAM, one vCPU, the given command line, no initrd,
+    /// no modules and no RSDP.
+    pub fn new(mem_size: u64, cmdline: &'a str) -> Self {
+        BootConfig {
+            cmdline,
+            initrd: None,
+            modules: &[],
+            mem_size,
+            ncpus: 1,
+            rsdp_addr: None,
+        }
+    }
+
+    /// Validates the configuration and builds its memory layout.
+    pub fn layout(&self) -> Result<MemoryLayout, LoaderError> {
+        if self.ncpus == 0 || self.ncpus > MAX_CPUS {
+            return Err(LoaderError::CpuCount {
+                ncpus: self.ncpus,
+                max: MAX_CPUS,
+            });
+        }
+        MemoryLayout::new(self.mem_size)
+    }
+
+    /// The initrd (as module 0, if any) followed by `modules`.
+    fn module_list(&self) -> Vec<BootModule<'a>> {
+        self.initrd
+            .map(|data| BootModule { data, cmdline: "" })
+            .into_iter()
+            .chain(self.modules.iter().copied())
+            .collect()
+    }
+}
+
+/// The kinds of kernel image the loaders understand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    /// Linux bzImage ("HdrS" at 0x202): 64-bit Linux boot protocol.
+    BzImage,
+    /// ELF (32 or 64) with a PVH entry note: PVH boot.
+    ElfPvh,
+    /// Image with a multiboot v1 header (ELF or a.out kludge) and no PVH note.
+    Multiboot,
+    /// ELF64 without PVH note or multiboot header: Linux 64-bit entry at the ELF entry.
+    ElfVmlinux,
+    /// None of the above, or an ELF too malformed to classify.
+    Unknown,
+}
+
+/// Classifies an image; errors come from a malformed ELF or multiboot header.
+fn classify(image: &[u8]) -> Result<ImageKind, LoaderError> {
+    if linux::has_bzimage_magic(image) {
+        return Ok(ImageKind::BzImage);
+    }
+    let parsed = elf::has_elf_magic(image).then(|| elf::ElfImage::parse(image));
+    if let Some(Ok(e)) = &parsed {
+        if e.pvh_entry()?.is_some() {
+            return Ok(ImageKind::ElfPvh);
+        }
+    }
+    if multiboot::find_header(image)?.is_some() {
+        return Ok(ImageKind::Multiboot);
+    }
+    match parsed {
+        Some(Ok(e)) if e.class == elf::ElfClass::Elf64 => Ok(ImageKind::ElfVmlinux),
+        Some(Ok(_)) => Err(LoaderError::Elf32WithoutPvh),
+        Some(Err(e)) => Err(e),
+        None => Err(LoaderError::UnknownImage {
+            len: mem::len64(image),
+        }),
+    }
+}
+
+/// Recognises an image: bzImage magic first, then an ELF PVH note, then a multiboot header,
+/// then a plain ELF64. Malformed images are [`ImageKind::Unknown`]; the loaders report why.
+pub fn detect(image: &[u8]) -> ImageKind {
+    classify(image).unwrap_or(ImageKind::Unknown)
+}
+
+/// Where a kernel was loaded and how to enter it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedKernel {
+    /// The protocol used.
+    pub kind: ImageKind,
+    /// CPU state at the kernel's first instruction.
+    pub entry: EntryState,
+    /// Lowest guest address of the kernel image.
+    pub kernel_start: u64,
+    /// End (exclusive) of the memory the kernel occupies (bzImage: including `init_size`).
+    pub kernel_end: u64,
+    /// Initrd (address, size), if one was loaded.
+    pub initrd: Option<(u64, u64)>,
+    /// Every module placed, (address, size), in order: the initrd first when given.
+    pub modules: Vec<(u64, u64)>,
+    /// The memory map given to the guest.
+    pub layout: MemoryLayout,
+}
+
+/// Loads a Linux kernel: a bzImage through the 64-bit boot protocol; an ELF with a PVH note
+/// through PVH; an ELF64 vmlinux without one at its ELF entry through the 64-bit boot protocol.
+pub fn load_linux<M: GuestMemory + ?Sized>(
+    mem: &M,
+    kernel: &[u8],
+    cfg: &BootConfig<'_>,
+) -> Result<LoadedKernel, LoaderError> {
+    if linux::has_bzimage_magic(kernel) {
+        return linux::load_bzimage(mem, kernel, cfg);
+    }
+    if !elf::has_elf_magic(kernel) {
+        return Err(LoaderError::NotLinux {
+            len: mem::len64(kernel),
+        });
+    }
+    let parsed = elf::ElfImage::parse(kernel)?;
+    if parsed.pvh_entry()?.is_some() {
+        load_pvh(mem, kernel, cfg)
+    } else {
+        linux::load_vmlinux(mem, kernel, cfg)
+    }
+}
+
+/// Loads any supported image, chosen as [`detect`] does: bzImage, PVH, multiboot, ELF64
+/// vmlinux.
+pub fn load_kernel<M: GuestMemory + ?Sized>(
+    mem: &M,
+    kernel: &[u8],
+    cfg: &BootConfig<'_>,
+) -> Result<LoadedKernel, LoaderError> {
+    match classify(kernel)? {
+        ImageKind::BzImage => linux::load_bzimage(mem, kernel, cfg),
+        ImageKind::ElfPvh => load_pvh(mem, kernel, cfg),
+        ImageKind::Multiboot => load_multiboot(mem, kernel, cfg),
+        ImageKind::ElfVmlinux => linux::load_vmlinux(mem, kernel, cfg),
+        ImageKind::Unknown => Err(LoaderError::UnknownImage {
+            len: mem::len64(kernel),
+        }),
+    }
+}
