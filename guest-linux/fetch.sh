@@ -76,6 +76,10 @@ if [[ $want_vmlinux == 1 && ! -f $out/vmlinux ]]; then
     rig_extract_vmlinux "$out/vmlinuz" "$out/vmlinux"
 fi
 ln -sfn "$key" "$cache/guest-linux/current"
+touch "$out"
+# Older builds (another init, another kernel): keep the newest two.
+find "$cache/guest-linux" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' | sort -rn | tail -n +3 | cut -d' ' -f2- |
+    while read -r old; do rm -rf "$old"; done
 
 printf 'GUEST_KERNEL=%s\n' "$out/vmlinuz"
 if [[ -f $out/vmlinux ]]; then printf 'GUEST_VMLINUX=%s\n' "$out/vmlinux"; fi

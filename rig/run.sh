@@ -17,7 +17,9 @@
 #   --no-count-exits     --peer: skip the extra run that counts exits
 #   --guest-append STR   append STR to the test guest's kernel command line
 #                        (e.g. 'init=/nope rdinit=/nope' to see "marker-missing")
-#   --guest-timeout S    limit for one guest run inside L1 (default 120)
+#   --guest-timeout S    limit for one guest run inside L1 (default 120; --bhyve 90)
+#   --with-qemu          put the host's QEMU in L1 in every mode (--peer always does;
+#                        rig/test/fake-bhyve.sh needs it)
 #   --timeout S          limit for the whole outer VM (default 1200)
 #   --l1-smp N, --l1-mem SIZE, --l1-append STR   outer VM settings (default 2, 2G, "")
 #   --out DIR            where to write results (default .cache/rig/runs/DATE-MODE)
@@ -53,7 +55,8 @@ runs=3
 machines="pc microvm"
 count_exits=1
 guest_append=
-guest_timeout=120
+guest_timeout=
+with_qemu=0
 outer_timeout=1200
 l1_smp=2
 l1_mem=2G
@@ -69,6 +72,7 @@ while (($#)); do
         --runs) need "$@"; runs=$2; shift 2 ;;
         --machines) need "$@"; machines=$2; shift 2 ;;
         --no-count-exits) count_exits=0; shift ;;
+        --with-qemu) with_qemu=1; shift ;;
         --guest-append) need "$@"; guest_append=$2; shift 2 ;;
         --guest-timeout) need "$@"; guest_timeout=$2; shift 2 ;;
         --timeout) need "$@"; outer_timeout=$2; shift 2 ;;
@@ -82,6 +86,10 @@ while (($#)); do
     esac
 done
 [[ -n $mode ]] || rig_die "$RIG_EX_USAGE" usage "say what to run: --peer, --bhyve PATH or --payload DIR (see --help)"
+[[ $mode == peer ]] && with_qemu=1
+if [[ -z $guest_timeout ]]; then
+    if [[ $mode == bhyve ]]; then guest_timeout=90; else guest_timeout=120; fi
+fi
 for n in "$runs" "$guest_timeout" "$outer_timeout" "$l1_smp"; do
     [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || rig_die "$RIG_EX_USAGE" usage "'$n' is not a positive number"
 done
@@ -171,9 +179,9 @@ if [[ ! -f $l1_cpio ]]; then
 fi
 parts=("$l1_cpio")
 
-# --- QEMU inside L1 (--peer): the host's QEMU, its libraries and firmware ----
+# --- QEMU inside L1 (--peer, --with-qemu): the host's QEMU, libraries, firmware
 qemu_ver=
-if [[ $mode == peer ]]; then
+if [[ $with_qemu == 1 ]]; then
     qbin=$(command -v qemu-system-x86_64)
     qemu_ver=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || qemu-system-x86_64 --version | head -n1)
     libs=$(ldd "$qbin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
@@ -242,10 +250,17 @@ if [[ ! -f $initrd ]]; then
     mkdir -p "$rc_dir/initrd"
     cat "${parts[@]}" >"$initrd.tmp"
     mv "$initrd.tmp" "$initrd"
-    # Combined images are big and cheap to remake: keep the 3 newest.
-    find "$rc_dir/initrd" -name '*.cpio' -printf '%T@ %p\n' | sort -rn | tail -n +4 | cut -d' ' -f2- | xargs -r rm -f
-    find "$rc_dir/payload" -name '*.cpio' -printf '%T@ %p\n' | sort -rn | tail -n +11 | cut -d' ' -f2- | xargs -r rm -f
 fi
+touch "${parts[@]}" "$initrd"
+# Built archives are cheap to remake: keep the newest few of each kind.
+prune() { # DIR KEEP
+    [[ -d $1 ]] || return 0
+    find "$1" -maxdepth 1 -name '*.cpio' -printf '%T@ %p\n' | sort -rn | tail -n +$(($2 + 1)) | cut -d' ' -f2- | xargs -r rm -f
+}
+prune "$rc_dir/initrd" 3
+prune "$rc_dir/payload" 6
+prune "$rc_dir/qemu" 2
+prune "$rc_dir/l1" 3
 
 # --- (e) run the outer VM ---------------------------------------------------
 [[ -n $out ]] || out=$rc_dir/runs/$(date +%Y%m%d-%H%M%S)-$mode

@@ -41,25 +41,47 @@ rig_apt_update_once() {
     _rig_apt_updated=1
 }
 
+# apt-cache answers are remembered until the package lists change (each
+# apt-cache call costs about half a second).
+_rig_apt_memo() { # NAME: the memo file for NAME under the current package lists
+    local stamp
+    stamp=$(stat -c %Y /var/lib/apt/lists /var/cache/apt/pkgcache.bin 2>/dev/null | tr '\n' -)
+    printf '%s/apt-memo/%s/%s\n' "$(rig_cache_root)" "$stamp" "$1"
+}
+
 # rig_deb_candidate PKG: print the candidate version apt would download.
 rig_deb_candidate() {
-    local pkg=$1 ver
+    local pkg=$1 ver memo
+    memo=$(_rig_apt_memo "$pkg.candidate")
+    if [[ -s $memo ]]; then
+        cat "$memo"
+        return 0
+    fi
     ver=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
     if [[ -z $ver || $ver == "(none)" ]]; then
         rig_apt_update_once
         ver=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
     fi
     [[ -n $ver && $ver != "(none)" ]] || rig_die "$RIG_EX_DOWNLOAD" download "no Debian package named '$pkg' (apt-cache policy has no candidate)"
+    memo=$(_rig_apt_memo "$pkg.candidate")
+    mkdir -p "$(dirname "$memo")"
+    printf '%s\n' "$ver" >"$memo"
     printf '%s\n' "$ver"
 }
 
 # rig_deb_resolve_dep METAPKG PREFIX: the concrete package a metapackage depends
 # on, e.g. linux-image-cloud-amd64 -> linux-image-6.1.0-56-cloud-amd64.
 rig_deb_resolve_dep() {
-    local meta=$1 prefix=$2 dep
+    local meta=$1 prefix=$2 dep memo
     rig_deb_candidate "$meta" >/dev/null
+    memo=$(_rig_apt_memo "$meta.dep.$prefix")
+    if [[ -s $memo ]]; then
+        cat "$memo"
+        return 0
+    fi
     dep=$(apt-cache depends "$meta" 2>/dev/null | awk -v p="$prefix" '$1 == "Depends:" && index($2, p) == 1 {print $2; exit}')
     [[ -n $dep ]] || rig_die "$RIG_EX_DOWNLOAD" download "cannot resolve which '$prefix*' package '$meta' depends on"
+    printf '%s\n' "$dep" >"$memo"
     printf '%s\n' "$dep"
 }
 
