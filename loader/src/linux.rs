@@ -13,7 +13,9 @@ use crate::layout::{
     MemoryLayout, CMDLINE_ADDR, CMDLINE_AREA_SIZE, HIGH_MEMORY_START, KERNEL_LOAD_ADDR,
     MMIO_HOLE_END, PD_COUNT, ZERO_PAGE_ADDR,
 };
-use crate::mem::{check_backed, cmdline_bytes, le_u16, len64, place_high, slice, write_bytes};
+use crate::mem::{
+    align_up, check_backed, cmdline_bytes, le_u16, len64, place_high, slice, write_bytes,
+};
 use crate::{BootConfig, ImageKind, LoadedKernel, LoaderError};
 
 /// Offset of the setup header in the image and in `boot_params`.
@@ -145,20 +147,30 @@ pub(crate) fn load_bzimage<M: GuestMemory + ?Sized>(
     } else {
         (0, 0, 0)
     };
+    let relocatable = hdr.relocatable_kernel != 0 && kernel_alignment.is_power_of_two();
+    // Where the kernel decompresses and runs when loaded at `load` (arch/x86/boot/compressed/
+    // head_64.S): a relocatable kernel at `load` rounded up to kernel_alignment, and never
+    // below LOAD_PHYSICAL_ADDR (= pref_address); a fixed one at LOAD_PHYSICAL_ADDR.
     let fits = |load: u64| {
-        let run = if pref_address >= load && pref_address < MMIO_HOLE_END {
-            pref_address
+        let aligned = if relocatable {
+            align_up(load, kernel_alignment).unwrap_or(u64::MAX)
         } else {
             load
         };
-        let end = (load.saturating_add(bz.pm_size)).max(run.saturating_add(init_size));
+        let run = if pref_address < MMIO_HOLE_END {
+            aligned.max(pref_address)
+        } else {
+            aligned
+        };
+        let end = load
+            .saturating_add(bz.pm_size)
+            .max(run.saturating_add(init_size));
         (end <= ram_end, end)
     };
     // A relocatable kernel can run where it is loaded: load it at pref_address when that is
     // aligned and fits, so the decompressor does not copy itself; otherwise at 1 MiB.
-    let use_pref = hdr.relocatable_kernel != 0
+    let use_pref = relocatable
         && pref_address >= HIGH_MEMORY_START
-        && kernel_alignment.is_power_of_two()
         && pref_address % kernel_alignment == 0
         && fits(pref_address).0;
     let load_addr = if use_pref {
