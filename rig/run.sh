@@ -21,7 +21,8 @@
 #   --with-qemu          put the host's QEMU in L1 in every mode (--peer always does;
 #                        rig/test/fake-bhyve.sh needs it)
 #   --timeout S          limit for the whole outer VM (default 1200)
-#   --l1-smp N, --l1-mem SIZE, --l1-append STR   outer VM settings (default 2, 2G, "")
+#   --l1-smp N, --l1-mem SIZE, --l1-cpu MODEL, --l1-append STR
+#                        outer VM settings (default 2, 2G, max, "")
 #   --out DIR            where to write results (default .cache/rig/runs/DATE-MODE)
 #   -v, --verbose        stream the outer VM's console to stderr while it runs
 #
@@ -61,6 +62,7 @@ outer_timeout=1200
 l1_smp=2
 l1_mem=2G
 l1_append=
+l1_cpu=max
 out=
 verbose=0
 need() { [[ $# -ge 2 && -n $2 ]] || rig_die "$RIG_EX_USAGE" usage "$1 needs a value (see --help)"; }
@@ -79,6 +81,7 @@ while (($#)); do
         --l1-smp) need "$@"; l1_smp=$2; shift 2 ;;
         --l1-mem) need "$@"; l1_mem=$2; shift 2 ;;
         --l1-append) need "$@"; l1_append=$2; shift 2 ;;
+        --l1-cpu) need "$@"; l1_cpu=$2; shift 2 ;;
         --out) need "$@"; out=$2; shift 2 ;;
         -v | --verbose) verbose=1; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -268,8 +271,8 @@ mkdir -p "$out/consoles"
 log=$out/console.log
 results=$out/results.txt
 prep_s=$(($(date +%s) - started))
-rig_log "starting the outer VM (TCG, -smp $l1_smp, -m $l1_mem, limit ${outer_timeout}s); console: $log"
-qemu_cmd=(qemu-system-x86_64 -accel tcg -cpu max -smp "$l1_smp" -m "$l1_mem"
+rig_log "starting the outer VM (TCG, -cpu $l1_cpu, -smp $l1_smp, -m $l1_mem, limit ${outer_timeout}s); console: $log"
+qemu_cmd=(qemu-system-x86_64 -accel tcg -cpu "$l1_cpu" -smp "$l1_smp" -m "$l1_mem"
     -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot
     -kernel "$l1_kernel" -initrd "$initrd"
     -append "console=ttyS0 panic=-1 quiet${l1_append:+ $l1_append}")

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Self-test of the rig: each case runs rig/run.sh for real (one outer VM at a
+# time) and checks what a user sees: the exit status and the "FAILED step=" line.
+#
+#   rig/test/selftest.sh [CASE...]     cases: bhyve-pass marker-missing module-load
+#                                      payload-timeout (default: all, ~2 minutes cached)
+# Prints "N passed, M failed"; exit status 0 only if every case passed.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+run=$here/../run.sh
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+passed=0
+failed=0
+
+# check NAME WANT_STATUS WANT_STEP -- RUN.SH ARGS...: WANT_STEP "" = no failure line
+check() {
+    local name=$1 want=$2 step=$3 got
+    shift 4
+    echo "selftest: $name: rig/run.sh $*" >&2
+    set +e
+    "$run" --out "$work/$name" "$@" >"$work/$name.out" 2>"$work/$name.err"
+    got=$?
+    set -e
+    local ok=1
+    [[ $got == "$want" ]] || ok=0
+    if [[ -n $step ]]; then
+        grep -q "FAILED step=$step" "$work/$name.err" || ok=0
+    else
+        ! grep -q 'FAILED step=' "$work/$name.err" || ok=0
+    fi
+    if [[ $ok == 1 ]]; then
+        echo "selftest: $name: ok (exit $got${step:+, step=$step})" >&2
+        passed=$((passed + 1))
+    else
+        echo "selftest: $name: FAILED: exit $got (want $want), want step '${step:-none}'; stderr:" >&2
+        sed 's/^/    /' "$work/$name.err" >&2
+        failed=$((failed + 1))
+    fi
+}
+
+cases=("$@")
+((${#cases[@]})) || cases=(bhyve-pass marker-missing module-load payload-timeout)
+for c in "${cases[@]}"; do
+    case $c in
+        # The --bhyve payload end to end, with a stand-in that boots the guest
+        # under QEMU+KVM in L1: every case passes, exit statuses map to bhyve(8)'s.
+        bhyve-pass) check "$c" 0 "" -- --bhyve "$here/fake-bhyve.sh" --with-qemu ;;
+        # A guest that cannot reach its init: the rig says "marker-missing" (23).
+        marker-missing) check "$c" 23 marker-missing -- --peer --runs 1 --machines pc --no-count-exits \
+            --guest-append 'rdinit=/nonexistent init=/nonexistent' ;;
+        # An outer CPU without SVM: kvm_amd does not load (21).
+        module-load) check "$c" 21 module-load -- --payload "$here/payload-true" --l1-cpu qemu64,-svm ;;
+        # The outer VM's limit hits while the payload runs (26).
+        payload-timeout) check "$c" 26 payload-timeout -- --payload "$here/payload-sleep" --timeout 25 ;;
+        *) echo "selftest: unknown case '$c'" >&2; exit 2 ;;
+    esac
+done
+echo "$passed passed, $failed failed"
+[[ $failed == 0 ]]
