@@ -1,4 +1,4 @@
-//! The CPU state at the kernel's first instruction, and the structures it refers to (GDT, TSS,
+//! The CPU state at the kernel's first instruction, and the structures it refers to (GDT and
 //! identity page tables).
 //!
 //! The loader only writes guest memory and describes the entry state as plain data; the vCPU
@@ -7,8 +7,7 @@
 use vm_memory::GuestMemory;
 
 use crate::layout::{
-    BOOT_STACK_POINTER, GDT_ADDR, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR, TSS_ADDR,
-    TSS_SIZE,
+    BOOT_STACK_POINTER, GDT_ADDR, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR,
 };
 use crate::mem::write_bytes;
 use crate::LoaderError;
@@ -32,8 +31,9 @@ pub const GDT_ENTRIES: [u64; 6] = [
     0x00af_9b00_0000_ffff,
     // 0x18: data, base 0, limit 4 GiB, G=1, B=1, P=1, S=1, type 0x3 (read/write, accessed).
     0x00cf_9300_0000_ffff,
-    // 0x20: TSS at TSS_ADDR, limit TSS_SIZE - 1, P=1, S=0, type 0xb (busy 32/64-bit TSS).
-    tss_descriptor(TSS_ADDR, TSS_SIZE - 1),
+    // 0x20: TSS, base 0, limit 0x67, P=1, S=0, type 0xb (busy 32/64-bit TSS): what the PVH
+    // spec asks for TR. Kernels install their own TSS before they need one.
+    tss_descriptor(0, 0x67),
     0,
 ];
 
@@ -177,7 +177,8 @@ pub struct EntryState {
     pub code_segment: Segment,
     /// DS/ES/FS/GS/SS, decoded from the GDT.
     pub data_segment: Segment,
-    /// TR, decoded from the GDT (a busy TSS: what VM entry requires).
+    /// TR, decoded from the GDT: a busy TSS, base 0, limit 0x67 (PVH's rule; VM entry needs a
+    /// busy TSS in TR).
     pub tss_segment: Segment,
 }
 
@@ -217,14 +218,10 @@ impl EntryState {
     }
 }
 
-/// Writes the boot GDT and a zeroed TSS (I/O bitmap base past the limit: no bitmap).
+/// Writes the boot GDT.
 pub(crate) fn write_gdt<M: GuestMemory + ?Sized>(mem: &M) -> Result<(), LoaderError> {
     let gdt: Vec<u8> = GDT_ENTRIES.iter().flat_map(|e| e.to_le_bytes()).collect();
-    write_bytes(mem, "boot GDT", GDT_ADDR, &gdt)?;
-    let mut tss = [0u8; 0x68];
-    // I/O map base at offset 0x66.
-    tss[0x66..0x68].copy_from_slice(&0x68u16.to_le_bytes());
-    write_bytes(mem, "boot TSS", TSS_ADDR, &tss)
+    write_bytes(mem, "boot GDT", GDT_ADDR, &gdt)
 }
 
 /// Page-table entry bits.
@@ -270,10 +267,7 @@ mod tests {
         let ds = Segment::from_gdt(DATA_SELECTOR);
         assert_eq!((ds.type_, ds.limit, ds.db), (0x3, 0xffff_ffff, true));
         let tr = Segment::from_gdt(TSS_SELECTOR);
-        assert_eq!(
-            (tr.base, tr.limit, tr.type_, tr.s),
-            (TSS_ADDR, 0x67, 0xb, false)
-        );
+        assert_eq!((tr.base, tr.limit, tr.type_, tr.s), (0, 0x67, 0xb, false));
         assert!(tr.present && !tr.g);
         assert_eq!(GDT_LIMIT, 0x2f);
     }

@@ -201,9 +201,9 @@ pub enum LoaderError {
         max: u64,
     },
     /// Module strings do not fit their area.
-    #[error("Module strings take {len} bytes, more than the {max}-byte string area")]
+    #[error("Module strings need at least {len} bytes, more than the {max}-byte string area")]
     ModuleStringsTooLong {
-        /// Total length including NULs.
+        /// Length needed up to and including the string that overflowed, NULs included.
         len: u64,
         /// Size of the area.
         max: u64,

@@ -7,8 +7,7 @@
 //! | Address range                 | Contents                                                    |
 //! |-------------------------------|-------------------------------------------------------------|
 //! | `0x0000_0000..0x0000_1000`    | untouched: real-mode IVT/BDA, AP start-up page (vector 0)   |
-//! | `0x0000_1000..0x0000_1030`    | boot GDT: null, code32 `0x08`, code64 `0x10`, data `0x18`, TSS `0x20` (16 bytes) |
-//! | `0x0000_1100..0x0000_1168`    | boot TSS (zero, no I/O bitmap)                              |
+//! | `0x0000_1000..0x0000_1030`    | boot GDT: null, code32 `0x08`, code64 `0x10`, data `0x18`, TSS `0x20` (16 bytes, base 0, limit 0x67) |
 //! | `0x0000_5000..0x0000_5038`    | PVH `hvm_start_info`                                        |
 //! | `0x0000_5040..0x0000_6000`    | PVH module list (`hvm_modlist_entry`, initrd is module 0)  |
 //! | `0x0000_6000..0x0000_7000`    | PVH memory map (`hvm_memmap_table_entry`)                   |
@@ -44,10 +43,6 @@ pub const PAGE_SIZE: u64 = 0x1000;
 pub const AP_STARTUP_PAGE: u64 = 0x0;
 /// Boot GDT.
 pub const GDT_ADDR: u64 = 0x1000;
-/// Boot TSS (referenced by the GDT's TSS descriptor).
-pub const TSS_ADDR: u64 = 0x1100;
-/// Size of the boot TSS (a 32/64-bit TSS without I/O bitmap).
-pub const TSS_SIZE: u64 = 0x68;
 /// PVH `hvm_start_info`.
 pub const PVH_START_INFO_ADDR: u64 = 0x5000;
 /// PVH module list.
@@ -116,7 +111,8 @@ pub const MIN_RAM_SIZE: u64 = 0x20_0000;
 pub const MAX_RAM_SIZE: u64 = 1 << 40;
 
 // Each fixed structure ends before the next one starts (checked at compile time).
-const _: () = assert!(TSS_ADDR + TSS_SIZE <= GDT_ADDR + PAGE_SIZE);
+const _: () =
+    assert!(GDT_ADDR >= AP_STARTUP_PAGE + PAGE_SIZE && GDT_ADDR + 0x30 <= PVH_START_INFO_ADDR);
 const _: () = assert!(PVH_START_INFO_ADDR + 0x38 <= PVH_MODLIST_ADDR);
 const _: () = assert!(PVH_MODLIST_END <= PVH_MEMMAP_ADDR && PVH_MEMMAP_END <= ZERO_PAGE_ADDR);
 const _: () = assert!(ZERO_PAGE_ADDR + PAGE_SIZE <= MBI_ADDR);
@@ -301,7 +297,8 @@ impl MemoryLayout {
     pub fn ram_ranges(&self) -> Vec<(GuestAddress, usize)> {
         let mut ranges = Vec::with_capacity(2);
         let low = self.low_ram_end();
-        // Sizes are at most MAX_RAM_SIZE (1 TiB), which fits in usize on the 64-bit hosts KVM runs on.
+        // Sizes are at most MAX_RAM_SIZE (1 TiB), which fits in usize on the 64-bit hosts KVM
+        // runs on.
         if let Ok(len) = usize::try_from(low) {
             ranges.push((GuestAddress(0), len));
         }

@@ -317,7 +317,14 @@ fn write_common<M: GuestMemory + ?Sized>(
     }
     write_bytes(mem, "command line", CMDLINE_ADDR, cmdline)?;
 
+    // Fields the loader owns are set here whatever the image carried (a stale setup_data
+    // pointer would send the kernel walking garbage).
     hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    hdr.ext_loader_ver = 0;
+    hdr.ext_loader_type = 0;
+    hdr.setup_data = 0;
+    hdr.hardware_subarch = 0;
+    hdr.hardware_subarch_data = 0;
     hdr.loadflags |= CAN_USE_HEAP;
     hdr.heap_end_ptr = HEAP_END_PTR;
     hdr.cmd_line_ptr = to_u32("command line", CMDLINE_ADDR)?;

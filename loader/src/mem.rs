@@ -167,7 +167,7 @@ pub(crate) fn check_segment(
     start: u64,
     end: u64,
 ) -> Result<(), LoaderError> {
-    if start < LOADER_AREA_END && end > 0 {
+    if start < LOADER_AREA_END {
         return Err(LoaderError::SegmentOverlapsReserved {
             start,
             end,

@@ -117,6 +117,29 @@ fn bzimage_zero_page_cmdline_initrd_e820() {
 }
 
 #[test]
+fn loader_owned_header_fields_are_overwritten() {
+    let mem = guest_mem(16 * MIB);
+    let mut image = BzImage::default().build();
+    // Garbage in fields the loader owns: setup_data, type_of_loader, ext_loader_*, subarch.
+    image[0x250..0x258].copy_from_slice(&0xdead_beef_u64.to_le_bytes());
+    image[0x210] = 0x12;
+    image[0x226] = 0x34;
+    image[0x227] = 0x56;
+    image[0x23c..0x240].copy_from_slice(&2u32.to_le_bytes());
+    image[0x228..0x22c].copy_from_slice(&0x1234_5678u32.to_le_bytes());
+    load_linux(&mem, &image, &BootConfig::new(16 * MIB, "x")).unwrap();
+    assert_eq!(r64(&mem, ZP + 0x250), 0, "setup_data");
+    assert_eq!(r8(&mem, ZP + hdr::TYPE_OF_LOADER), 0xff);
+    assert_eq!(
+        (r8(&mem, ZP + 0x226), r8(&mem, ZP + 0x227)),
+        (0, 0),
+        "ext_loader_ver/type"
+    );
+    assert_eq!(r32(&mem, ZP + 0x23c), 0, "hardware_subarch");
+    assert_eq!(u64::from(r32(&mem, ZP + hdr::CMD_LINE_PTR)), CMDLINE_ADDR);
+}
+
+#[test]
 fn initrd_stays_below_initrd_addr_max() {
     let mem = guest_mem(64 * MIB);
     let image = BzImage {
@@ -249,7 +272,10 @@ fn gdt_has_linux_boot_cs_and_ds() {
     assert_eq!(e.data_segment, Segment::from_descriptor(0x18, desc(0x18)));
     assert!(e.code_segment.l && !e.code_segment.db);
     assert_eq!(e.tss_segment, Segment::from_descriptor(0x20, desc(0x20)));
-    assert_eq!(e.tss_segment.type_, 0xb);
+    assert_eq!(
+        (e.tss_segment.base, e.tss_segment.limit, e.tss_segment.type_),
+        (0, 0x67, 0xb)
+    );
     assert_eq!(e.cr0 & 0x8000_0001, 0x8000_0001, "PG and PE");
     assert_eq!(e.cr4 & 0x20, 0x20, "PAE");
     assert_eq!(e.efer & 0x500, 0x500, "LME and LMA");
