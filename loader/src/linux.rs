@@ -37,8 +37,6 @@ const MAX_SETUP_SECTS: u8 = 63;
 const LOADER_TYPE_UNDEFINED: u8 = 0xff;
 /// `heap_end_ptr`: end of the setup heap relative to the real-mode code, minus 0x200.
 const HEAP_END_PTR: u16 = 0xfe00;
-/// `initrd_addr_max` assumed for protocol versions before 2.03.
-const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 /// `initrd_addr_max` used for an ELF vmlinux (no header to ask).
 const VMLINUX_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 /// x86 COMMAND_LINE_SIZE: the limit for an ELF vmlinux, including the NUL.
@@ -187,20 +185,10 @@ pub(crate) fn load_bzimage<M: GuestMemory + ?Sized>(
         });
     }
 
-    let max_cmdline = if hdr.version >= 0x0206 {
-        u64::from(hdr.cmdline_size)
-    } else {
-        255
-    }
-    .min(CMDLINE_AREA_SIZE - 1);
+    // Protocol 2.06+ (checked in parse_bzimage) has cmdline_size and initrd_addr_max.
+    let max_cmdline = u64::from(hdr.cmdline_size).min(CMDLINE_AREA_SIZE - 1);
     let cmdline = cmdline_bytes(cfg.cmdline, max_cmdline)?;
-
-    let initrd_max = if hdr.version >= 0x0203 {
-        u64::from(hdr.initrd_addr_max)
-    } else {
-        DEFAULT_INITRD_ADDR_MAX
-    };
-    let initrd = place_initrd(cfg, &layout, kernel_end, initrd_max)?;
+    let initrd = place_initrd(cfg, &layout, kernel_end, u64::from(hdr.initrd_addr_max))?;
 
     // Everything is validated: write.
     let kernel = slice(image, bz.setup_size, bz.pm_size).unwrap_or(&[]);

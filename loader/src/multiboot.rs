@@ -104,11 +104,15 @@ pub fn find_header(image: &[u8]) -> Result<Option<MultibootHeader>, LoaderError>
 
 /// Where the kernel was put, before anything is written.
 struct Placement<'a> {
-    /// (guest address, file bytes, bytes of memory to cover) per loaded piece.
+    /// a.out kludge: (load address, bytes from the file, memory length including bss).
     aout: Option<(u64, &'a [u8], u64)>,
+    /// ELF: the parsed image, whose segments are loaded at their physical addresses.
     elf: Option<ElfImage<'a>>,
+    /// Lowest address of the image.
     start: u64,
+    /// End (exclusive) of the image including bss.
     end: u64,
+    /// Physical entry point.
     entry: u64,
 }
 

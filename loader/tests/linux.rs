@@ -491,3 +491,38 @@ fn cpu_count_is_checked() {
         "{err:?}"
     );
 }
+
+#[test]
+fn vmlinux_outside_identity_map_or_entry_outside_is_refused() {
+    let size = 3 * 1024 * MIB + 256 * MIB;
+    let mem = guest_mem(size);
+    let cfg = BootConfig::new(size, "");
+    // RAM above 4 GiB exists, but the 64-bit entry only gets the first 4 GiB identity-mapped.
+    let high = Elf::new64(
+        0x1_0000_0000,
+        vec![Seg::load(0x1_0000_0000, vec![0x90; 16], 0x1000)],
+    )
+    .build();
+    let err = load_linux(&mem, &high, &cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoaderError::NotIdentityMapped {
+                start: 0x1_0000_0000,
+                limit: 0x1_0000_0000,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let outside = Elf::new64(
+        0x200_0000,
+        vec![Seg::load(0x100_0000, vec![0x90; 16], 0x1000)],
+    )
+    .build();
+    let err = load_linux(&mem, &outside, &cfg).unwrap_err();
+    assert!(
+        matches!(err, LoaderError::EntryOutsideImage { entry: 0x200_0000 }),
+        "{err:?}"
+    );
+}
