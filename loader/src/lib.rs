@@ -61,7 +61,8 @@ pub struct BootConfig<'a> {
     pub modules: &'a [BootModule<'a>],
     /// Guest RAM in bytes; the memory map is [`MemoryLayout::new`]`(mem_size)`.
     pub mem_size: u64,
-    /// Number of vCPUs (1..=[`MAX_CPUS`]).
+    /// Number of vCPUs (1..=[`MAX_CPUS`]). Validated only: the loaders build no MP or ACPI
+    /// tables, so a guest learns its CPUs from whatever tables the VMM adds.
     pub ncpus: u32,
     /// Guest-physical address of the ACPI RSDP, if the VMM built ACPI tables
     /// (Linux: `boot_params.acpi_rsdp_addr`; PVH: `rsdp_paddr`).
