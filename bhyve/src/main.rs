@@ -1,1 +1,28 @@
-fn main() {}
+//! `bhyve`: the bhyve(8)-style front end. Parses the command line, builds the VM, runs it, and exits
+//! with bhyve's status: 0 reboot, 1 power-off, 2 halt, 3 triple fault, 4 error.
+
+mod opts;
+mod vm;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let status = match opts::parse(&args) {
+        Ok(opts::Command::Help) => {
+            print!("{}", opts::USAGE);
+            0
+        }
+        Ok(opts::Command::Run(cfg)) => match vm::run(&cfg) {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("bhyve: {e}");
+                4
+            }
+        },
+        Err(e) => {
+            eprintln!("bhyve: {e}");
+            eprintln!("Try 'bhyve -h' for usage.");
+            4
+        }
+    };
+    std::process::exit(status);
+}

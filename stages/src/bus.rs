@@ -86,7 +86,10 @@ impl fmt::Display for BusError {
                 write!(f, "{space} range at {base:#x} has zero length")
             }
             BusError::Overflow { space, base, len } => {
-                write!(f, "{space} range {base:#x}+{len:#x} runs past the end of the address space")
+                write!(
+                    f,
+                    "{space} range {base:#x}+{len:#x} runs past the end of the address space"
+                )
             }
             BusError::Overlap {
                 space,
@@ -128,11 +131,14 @@ impl RangeTable {
             Space::Pio => 0x1_0000u64,
             Space::Mmio => u64::MAX,
         };
-        let end = range.base.checked_add(range.len - 1).ok_or(BusError::Overflow {
-            space,
-            base: range.base,
-            len: range.len,
-        })?;
+        let end = range
+            .base
+            .checked_add(range.len - 1)
+            .ok_or(BusError::Overflow {
+                space,
+                base: range.base,
+                len: range.len,
+            })?;
         if space == Space::Pio && end >= limit {
             return Err(BusError::Overflow {
                 space,
@@ -142,7 +148,11 @@ impl RangeTable {
         }
         let pos = self.ranges.partition_point(|r| r.base < range.base);
         let neighbours = [pos.checked_sub(1), Some(pos)];
-        for other in neighbours.into_iter().flatten().filter_map(|i| self.ranges.get(i)) {
+        for other in neighbours
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.ranges.get(i))
+        {
             if range.base <= other.last() && other.base <= end {
                 return Err(BusError::Overlap {
                     space,
@@ -251,8 +261,10 @@ mod tests {
 
     fn bus() -> Bus {
         let mut b = Bus::new();
-        b.insert(Space::Pio, 0x3f8, 8, DeviceId(0), Stage::Slow).unwrap();
-        b.insert(Space::Pio, 0x40, 4, DeviceId(1), Stage::Fast).unwrap();
+        b.insert(Space::Pio, 0x3f8, 8, DeviceId(0), Stage::Slow)
+            .unwrap();
+        b.insert(Space::Pio, 0x40, 4, DeviceId(1), Stage::Fast)
+            .unwrap();
         b.insert(Space::Mmio, 0xfec0_0000, 0x1000, DeviceId(2), Stage::Fast)
             .unwrap();
         b
@@ -291,17 +303,26 @@ mod tests {
         let e = b
             .insert(Space::Pio, 0x3f0, 9, DeviceId(9), Stage::Fast)
             .unwrap_err();
-        assert!(matches!(e, BusError::Overlap { other_base: 0x3f8, .. }));
-        assert_eq!(
-            format!("{e}"),
-            "port range 0x3f0+0x9 overlaps 0x3f8+0x8"
-        );
-        assert!(b.insert(Space::Pio, 0x3ff, 2, DeviceId(9), Stage::Fast).is_err());
+        assert!(matches!(
+            e,
+            BusError::Overlap {
+                other_base: 0x3f8,
+                ..
+            }
+        ));
+        assert_eq!(format!("{e}"), "port range 0x3f0+0x9 overlaps 0x3f8+0x8");
+        assert!(b
+            .insert(Space::Pio, 0x3ff, 2, DeviceId(9), Stage::Fast)
+            .is_err());
         // Adjacent ranges are fine.
-        b.insert(Space::Pio, 0x3f0, 8, DeviceId(9), Stage::Fast).unwrap();
-        b.insert(Space::Pio, 0x400, 1, DeviceId(10), Stage::Fast).unwrap();
-        b.insert(Space::Pio, 0xffff, 1, DeviceId(11), Stage::Fast).unwrap();
-        b.insert(Space::Mmio, u64::MAX, 1, DeviceId(12), Stage::Fast).unwrap();
+        b.insert(Space::Pio, 0x3f0, 8, DeviceId(9), Stage::Fast)
+            .unwrap();
+        b.insert(Space::Pio, 0x400, 1, DeviceId(10), Stage::Fast)
+            .unwrap();
+        b.insert(Space::Pio, 0xffff, 1, DeviceId(11), Stage::Fast)
+            .unwrap();
+        b.insert(Space::Mmio, u64::MAX, 1, DeviceId(12), Stage::Fast)
+            .unwrap();
         assert_eq!(b.route(Space::Mmio, u64::MAX).unwrap().device, DeviceId(12));
     }
 
@@ -311,13 +332,23 @@ mod tests {
         for i in 0..MAX_RANGES as u64 {
             t.insert(
                 Space::Pio,
-                BusRange { base: i * 2, len: 1, device: DeviceId(0), stage: Stage::Fast },
+                BusRange {
+                    base: i * 2,
+                    len: 1,
+                    device: DeviceId(0),
+                    stage: Stage::Fast,
+                },
             )
             .unwrap();
         }
         let e = t.insert(
             Space::Pio,
-            BusRange { base: 0x1000, len: 1, device: DeviceId(0), stage: Stage::Fast },
+            BusRange {
+                base: 0x1000,
+                len: 1,
+                device: DeviceId(0),
+                stage: Stage::Fast,
+            },
         );
         assert_eq!(e, Err(BusError::Full));
     }

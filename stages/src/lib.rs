@@ -16,9 +16,13 @@ pub mod devices;
 pub mod platform;
 
 #[cfg(feature = "std")]
+pub mod acpipm;
+#[cfg(feature = "std")]
 pub mod misc;
 #[cfg(feature = "std")]
 pub mod models;
+#[cfg(feature = "std")]
+pub mod slow;
 
 pub use bus::{Bus, BusError, DeviceId, Route, Space, Stage};
 pub use platform::{BusDevice, VmRequest, VmRequests};

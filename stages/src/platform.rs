@@ -98,9 +98,9 @@ impl VmRequests {
 
     /// Records the boot-done timestamp (first write wins).
     pub fn set_boot_done(&self, now_ns: u64) {
-        let _ = self
-            .boot_done
-            .compare_exchange(0, now_ns.max(1), Ordering::AcqRel, Ordering::Acquire);
+        let _ =
+            self.boot_done
+                .compare_exchange(0, now_ns.max(1), Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// The boot-done timestamp, if the guest signalled it.

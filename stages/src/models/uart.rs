@@ -63,7 +63,9 @@ pub struct Uart {
 
 impl std::fmt::Debug for Uart {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uart").field("bytes_out", &self.bytes_out).finish()
+        f.debug_struct("Uart")
+            .field("bytes_out", &self.bytes_out)
+            .finish()
     }
 }
 
@@ -82,10 +84,9 @@ impl Uart {
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.serial.fifo_capacity();
         let n = bytes.len().min(room);
-        match self.serial.enqueue_raw_bytes(&bytes[..n]) {
-            Ok(n) => n,
-            Err(_) => 0,
-        }
+        self.serial
+            .enqueue_raw_bytes(&bytes[..n])
+            .unwrap_or_default()
     }
 
     /// Bytes the guest has written to the transmit register.

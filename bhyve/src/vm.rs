@@ -1,0 +1,421 @@
+//! Builds and runs one VM from a [`Config`]: the bhyve(8) main path.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use stages::misc::{
+    BootDone, DebugExit, Scratch, ScratchMem, BOOT_DONE_PORT, DEBUG_EXIT_PORT, I8042, I8042_BASE,
+    I8042_LEN, SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN, SCRATCH_PORT_LEN,
+    SCRATCH_SLOW_PORT,
+};
+use stages::models::uart::{Uart, COM1_BASE, COM2_BASE, UART_LEN};
+use stages::{Space, Stage, VmRequests};
+use vcpu_runner::machine::host_cpus;
+use vcpu_runner::{
+    DescriptorTable, Devices, EntryRegs, Hypervisor, KvmHypervisor, Machine, RunConfig, Segment,
+};
+
+use crate::opts::{BootProtocol, Config, ConsoleBackend};
+
+/// Why a VM could not be set up (exit status 4).
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A file named on the command line cannot be read.
+    #[error("Cannot read {what} {path}: {source}")]
+    Read {
+        /// Kernel, initrd, ...
+        what: &'static str,
+        /// Path.
+        path: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image is not something we can boot.
+    #[error("Cannot load kernel {path}: {source}")]
+    Load {
+        /// Path.
+        path: String,
+        /// Loader's reason.
+        #[source]
+        source: loader::LoaderError,
+    },
+    /// More vCPUs than allowed.
+    #[error("{requested} vCPUs requested but only {available} available")]
+    TooManyCpus {
+        /// Asked for.
+        requested: u32,
+        /// hw.vmm.maxcpu.
+        available: u32,
+    },
+    /// Memory that cannot be had.
+    #[error("Guest memory of {asked} MiB (-m) cannot be had: {why}")]
+    Memory {
+        /// MiB asked for.
+        asked: u64,
+        /// Why.
+        why: String,
+    },
+    /// A console backend cannot be opened.
+    #[error("Cannot open console {what}: {source}")]
+    Console {
+        /// Which.
+        what: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hypervisor refused.
+    #[error(transparent)]
+    Backend(#[from] vcpu_runner::BackendError),
+    /// Building or running the machine failed.
+    #[error(transparent)]
+    Machine(#[from] vcpu_runner::MachineError),
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_sig: libc::c_int) {
+    STOP.store(true, Ordering::Release);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: all-zero is a valid `sigaction`.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_terminate as *const () as usize;
+        // SAFETY: `sa.sa_mask` is a valid, writable signal set.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+    }
+}
+
+fn read_file(what: &'static str, p: &Path) -> Result<Vec<u8>, VmError> {
+    std::fs::read(p).map_err(|source| VmError::Read {
+        what,
+        path: p.display().to_string(),
+        source,
+    })
+}
+
+fn host_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
+fn seg(s: &loader::Segment) -> Segment {
+    Segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present,
+        dpl: s.dpl,
+        db: s.db,
+        s: s.s,
+        l: s.l,
+        g: s.g,
+        unusable: !s.present,
+    }
+}
+
+/// The loader's entry state as the runner's entry registers.
+pub fn entry_regs(e: &loader::EntryState) -> EntryRegs {
+    EntryRegs {
+        rip: e.rip,
+        rsp: e.rsp,
+        rsi: e.rsi,
+        rbx: e.rbx,
+        rax: e.rax,
+        rflags: e.rflags,
+        cr0: e.cr0,
+        cr3: e.cr3.unwrap_or(0),
+        cr4: e.cr4,
+        efer: e.efer,
+        gdt: DescriptorTable {
+            base: e.gdt_base,
+            limit: e.gdt_limit,
+        },
+        cs: seg(&e.code_segment),
+        ds: seg(&e.data_segment),
+        tr: e.tss_segment.present.then(|| seg(&e.tss_segment)),
+    }
+}
+
+/// Monotonic nanoseconds since the process started (for the UART's first-byte stamp).
+fn since_start_ns() -> u64 {
+    use std::sync::OnceLock;
+    static START: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A writer that sends to the connected Unix-socket client, if any (output is dropped otherwise).
+#[derive(Clone, Default)]
+struct SocketOut(Arc<Mutex<Option<std::os::unix::net::UnixStream>>>);
+
+impl Write for SocketOut {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = g.as_mut() {
+            if s.write_all(b).is_err() {
+                *g = None;
+            }
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Adds a UART with its backend; host input goes to the guest from a reader thread.
+fn add_uart(
+    devices: &mut Devices,
+    name: &str,
+    base: u64,
+    backend: &ConsoleBackend,
+) -> Result<(), VmError> {
+    let irq: Arc<dyn stages::models::uart::IrqLine> = Arc::new(stages::models::uart::NoIrq);
+    let (out, input): (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>) = match backend {
+        ConsoleBackend::Stdio => (
+            Box::new(std::io::stdout()),
+            Some(Box::new(std::io::stdin())),
+        ),
+        ConsoleBackend::Null => (Box::new(std::io::sink()), None),
+        ConsoleBackend::File(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmError::Console {
+                    what: format!("{name} file {}", p.display()),
+                    source,
+                })?;
+            (Box::new(f), None)
+        }
+        ConsoleBackend::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            let l = UnixListener::bind(p).map_err(|source| VmError::Console {
+                what: format!("{name} socket {}", p.display()),
+                source,
+            })?;
+            let out = SocketOut::default();
+            let slot = out.0.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-accept"))
+                .spawn(move || {
+                    for s in l.incoming().flatten() {
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                    }
+                })
+                .map_err(|source| VmError::Console {
+                    what: format!("{name} socket thread"),
+                    source,
+                })?;
+            (Box::new(out), None)
+        }
+    };
+    let uart = Arc::new(Mutex::new(Uart::new(out, irq, since_start_ns)));
+    devices.add(name, Space::Pio, base, UART_LEN, Stage::Slow, uart.clone())?;
+    if let Some(mut input) = input {
+        let _ = std::thread::Builder::new()
+            .name(format!("{name}-input"))
+            .spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = input.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut rest = &buf[..n];
+                    while !rest.is_empty() {
+                        let took = uart
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .enqueue_input(rest);
+                        rest = &rest[took..];
+                        if took == 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                    }
+                }
+            });
+    }
+    Ok(())
+}
+
+/// Builds the VM described by `cfg`, runs it, and returns the bhyve(8) exit status.
+pub fn run(cfg: &Config) -> Result<i32, VmError> {
+    since_start_ns();
+    install_signal_handlers();
+    let kernel = read_file("kernel", &cfg.kernel)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(read_file("initrd", p)?),
+        None => None,
+    };
+    let maxcpu = u32::try_from(host_cpus()).unwrap_or(1);
+    if cfg.cpus > maxcpu {
+        return Err(VmError::TooManyCpus {
+            requested: cfg.cpus,
+            available: maxcpu,
+        });
+    }
+    let mib = cfg.memory >> 20;
+    if let Some(host) = host_memory() {
+        if cfg.memory > host {
+            return Err(VmError::Memory {
+                asked: mib,
+                why: format!("the host has only {} MiB", host >> 20),
+            });
+        }
+    }
+    let mut boot = loader::BootConfig::new(cfg.memory, &cfg.cmdline);
+    boot.initrd = initrd.as_deref();
+    boot.ncpus = cfg.cpus;
+    let layout = boot.layout().map_err(|e| VmError::Memory {
+        asked: mib,
+        why: e.to_string(),
+    })?;
+    let hv = KvmHypervisor::open()?;
+    let machine = Machine::new(
+        &hv,
+        &layout.ram_ranges(),
+        cfg.cpus,
+        hv.capabilities().split_irqchip,
+    )
+    .map_err(|e| match e {
+        vcpu_runner::MachineError::Memory { why, .. } => VmError::Memory { asked: mib, why },
+        other => other.into(),
+    })?;
+    let mem = machine.memory();
+    let loaded = match cfg.protocol {
+        BootProtocol::Auto => loader::load_kernel(mem, &kernel, &boot),
+        BootProtocol::Linux => loader::load_linux(mem, &kernel, &boot),
+        BootProtocol::Pvh => loader::load_pvh(mem, &kernel, &boot),
+        BootProtocol::Multiboot => loader::load_multiboot(mem, &kernel, &boot),
+    }
+    .map_err(|source| VmError::Load {
+        path: cfg.kernel.display().to_string(),
+        source,
+    })?;
+    let entry = entry_regs(&loaded.entry);
+
+    let requests = Arc::new(VmRequests::new());
+    let mut devices = Devices::new();
+    devices.add(
+        "debug-exit",
+        Space::Pio,
+        DEBUG_EXIT_PORT,
+        1,
+        Stage::Fast,
+        Arc::new(Mutex::new(DebugExit::new(requests.clone()))),
+    )?;
+    devices.add(
+        "boot-done",
+        Space::Pio,
+        BOOT_DONE_PORT,
+        1,
+        Stage::Fast,
+        Arc::new(Mutex::new(BootDone::new(requests.clone(), Instant::now()))),
+    )?;
+    devices.add(
+        "i8042",
+        Space::Pio,
+        I8042_BASE,
+        I8042_LEN,
+        Stage::Fast,
+        Arc::new(Mutex::new(I8042::new(requests.clone()))),
+    )?;
+    if let Some(b) = &cfg.com1 {
+        add_uart(&mut devices, "com1", COM1_BASE, b)?;
+    }
+    if let Some(b) = &cfg.com2 {
+        add_uart(&mut devices, "com2", COM2_BASE, b)?;
+    }
+    if cfg.test_devices {
+        devices.add(
+            "scratch-slow",
+            Space::Pio,
+            SCRATCH_SLOW_PORT,
+            SCRATCH_PORT_LEN,
+            Stage::Slow,
+            Arc::new(Mutex::new(Scratch::default())),
+        )?;
+        devices.add(
+            "scratch-fast",
+            Space::Pio,
+            SCRATCH_FAST_PORT,
+            SCRATCH_PORT_LEN,
+            Stage::Fast,
+            Arc::new(Mutex::new(Scratch::default())),
+        )?;
+        devices.add(
+            "scratch-mmio",
+            Space::Mmio,
+            SCRATCH_MMIO_BASE,
+            SCRATCH_MMIO_LEN,
+            Stage::Slow,
+            Arc::new(Mutex::new(ScratchMem::default())),
+        )?;
+    }
+    let run_cfg = RunConfig {
+        pin: cfg.pin,
+        ..RunConfig::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            if STOP.load(Ordering::Acquire) {
+                watcher_stop.store(true, Ordering::Release);
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        })
+        .map_err(|source| vcpu_runner::MachineError::Thread {
+            name: "signals".into(),
+            source,
+        })?;
+    let outcome = machine.run(entry, devices, requests.clone(), &run_cfg, stop)?;
+    let _ = std::io::stdout().flush();
+    if cfg.print_stats {
+        print_stats(&outcome, requests.boot_done());
+    }
+    for p in &outcome.stop_problems {
+        eprintln!("bhyve: {p}");
+    }
+    match &outcome.exit {
+        vcpu_runner::RunExit::Error(m) => eprintln!("bhyve: {m}"),
+        vcpu_runner::RunExit::Stopped => eprintln!("bhyve: stopped by signal"),
+        vcpu_runner::RunExit::Request(_) => {}
+    }
+    Ok(outcome.exit.exit_status())
+}
+
+fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "run time: {:?}", o.elapsed);
+    if let Some(ns) = boot_done_ns {
+        let _ = writeln!(err, "boot done after: {:.3} ms", ns as f64 / 1e6);
+    }
+    for (i, s) in o.vcpu_stats.iter().enumerate() {
+        let _ = writeln!(err, "vcpu{i}:");
+        for (stat, v) in s.snapshot() {
+            if v != 0 {
+                let _ = writeln!(err, "  {:<56}{v}", stat.description());
+            }
+        }
+    }
+}

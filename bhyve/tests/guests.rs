@@ -1,0 +1,218 @@
+//! Guest tests (tier: needs `/dev/kvm`): every test guest runs through the `bhyve` binary to its
+//! expected output and exit status; a guest hammering unclaimed ports and MMIO leaves the monitor
+//! responsive with flat memory; bad input from a person gets status 4 and a message naming it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bhyve() -> &'static str {
+    env!("CARGO_BIN_EXE_bhyve")
+}
+
+fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm (a host with KVM); every developer and CI machine has one"
+    );
+}
+
+fn guest_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bhyve-guests-{}", std::process::id()));
+    guests::write_all(&dir).expect("write guest images");
+    dir
+}
+
+fn run(guest: &str, extra: &[&str]) -> Output {
+    require_kvm();
+    let img = guest_dir().join(format!("{guest}.elf"));
+    let mut cmd = Command::new(bhyve());
+    cmd.args(["-l", "com1,stdio", "-o", "test.devices=true"])
+        .arg("-o")
+        .arg(format!("boot.kernel={}", img.display()))
+        .args(extra)
+        .arg(guest)
+        .stdin(Stdio::null());
+    let out = cmd.output().expect("run bhyve");
+    eprintln!(
+        "--- {guest} status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn hello_prints_over_the_uart_and_exits_through_debug_port() {
+    for protocol in ["multiboot", "pvh", "auto"] {
+        let o = run("hello", &["-o", &format!("boot.protocol={protocol}")]);
+        assert!(
+            stdout(&o).contains("Hello from a bhyve-rs test guest"),
+            "{protocol}"
+        );
+        assert_eq!(o.status.code(), Some(guests::STATUS_OK), "{protocol}");
+    }
+}
+
+#[test]
+fn posted_writes_all_arrive_in_order() {
+    let o = run("posted", &["-o", "boot.cmdline=n=100000"]);
+    assert!(stdout(&o).contains("posted writes: 100000 arrived in order"));
+    assert_eq!(o.status.code(), Some(guests::STATUS_OK));
+}
+
+#[test]
+fn waited_reads_are_answered_in_sequence() {
+    let o = run("waited", &["-o", "boot.cmdline=n=20000"]);
+    assert!(stdout(&o).contains("waited reads: 20000 answered in sequence"));
+    assert_eq!(o.status.code(), Some(guests::STATUS_OK));
+}
+
+#[test]
+fn fast_stage_accesses_are_handled_inline() {
+    let o = run(
+        "fast",
+        &["-o", "boot.cmdline=n=50000", "-o", "stats.print=true"],
+    );
+    assert!(stdout(&o).contains("fast-stage accesses: 50000 writes and reads checked"));
+    assert_eq!(o.status.code(), Some(guests::STATUS_OK));
+    // 50000 writes + 1 count read + 50001 counter reads, plus debug exit and boot done.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let fast: u64 = err
+        .lines()
+        .find(|l| l.contains("handled inline by an in-module device"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .expect("fast-stage counter printed");
+    assert_eq!(fast, 50_000 + 1 + 50_001 + 2);
+}
+
+#[test]
+fn mmio_reads_see_the_writes_before_them() {
+    let o = run("mmio", &["-o", "boot.cmdline=n=20000"]);
+    assert!(stdout(&o).contains("mmio write/read pairs: 20000 echoed"));
+    assert_eq!(o.status.code(), Some(guests::STATUS_OK));
+}
+
+#[test]
+fn triple_fault_exits_with_status_3() {
+    let o = run("triple", &[]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(!stdout(&o).contains("FAIL"));
+}
+
+#[test]
+fn a_failing_guest_check_is_reported_by_its_status() {
+    // The fast guest checks a device that is absent without test devices: unclaimed reads return
+    // all-ones, so its own check fails and it says so.
+    require_kvm();
+    let img = guest_dir().join("fast.elf");
+    let o = Command::new(bhyve())
+        .args(["-l", "com1,stdio", "-o"])
+        .arg(format!("boot.kernel={}", img.display()))
+        .args(["-o", "boot.cmdline=n=10", "nodev"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(guests::STATUS_FAIL));
+    assert!(stdout(&o).contains("FAIL: fast-stage scratch device counters are wrong"));
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn hammering_unclaimed_io_for_ten_seconds_leaves_the_monitor_responsive_and_flat() {
+    require_kvm();
+    let img = guest_dir().join("hammer.elf");
+    let mut child = Command::new(bhyve())
+        .args(["-l", "com1,stdio", "-o"])
+        .arg(format!("boot.kernel={}", img.display()))
+        .args(["-o", "boot.cmdline=n=0", "hammer"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    std::thread::sleep(Duration::from_secs(2));
+    let early = rss_kib(pid);
+    std::thread::sleep(Duration::from_secs(8));
+    let late = rss_kib(pid);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the monitor died under the hammer"
+    );
+    // Responsive: a stop request is honoured promptly.
+    let asked = Instant::now();
+    let pid_t = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid_t, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "stop took {took:?}: the monitor is not responsive"
+    );
+    assert_eq!(out.status.code(), Some(4), "stopped by signal is status 4");
+    assert!(
+        late <= early + 1024,
+        "resident memory grew from {early} KiB to {late} KiB while the guest hammered"
+    );
+    // Logging is rate-limited: at most 10 lines a second per kind, about 10 s of hammering.
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines = err.lines().filter(|l| l.contains("unclaimed")).count();
+    assert!(lines > 0, "unclaimed accesses are logged");
+    assert!(lines <= 10 * 12, "{lines} log lines: not rate-limited");
+    assert!(err.contains("suppressed"), "suppressed lines are counted");
+}
+
+fn bad(args: &[&str]) -> String {
+    let o = Command::new(bhyve()).args(args).output().unwrap();
+    assert_eq!(o.status.code(), Some(4), "{args:?}");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn bad_input_is_status_4_with_a_message_naming_it() {
+    let dir = guest_dir();
+    let hello = format!("boot.kernel={}", dir.join("hello.elf").display());
+    assert!(bad(&["-o", "boot.kernel=/nonexistent/k", "x"]).contains("/nonexistent/k"));
+    let text = dir.join("not-a-kernel.txt");
+    std::fs::write(&text, "just some text\n").unwrap();
+    let e = bad(&["-o", &format!("boot.kernel={}", text.display()), "x"]);
+    assert!(
+        e.contains("Cannot load kernel") && e.contains("not-a-kernel.txt"),
+        "{e}"
+    );
+    let img = std::fs::read(dir.join("hello.elf")).unwrap();
+    let trunc = dir.join("truncated.elf");
+    std::fs::write(&trunc, &img[..img.len() / 3]).unwrap();
+    let e = bad(&["-o", &format!("boot.kernel={}", trunc.display()), "x"]);
+    assert!(e.contains("truncated.elf"), "{e}");
+    assert!(bad(&["-m", "64T", "-o", &hello, "x"]).contains("-m"));
+    assert!(bad(&["-c", "999", "-o", &hello, "x"]).contains("999 vCPUs requested but only"));
+    assert!(bad(&["-Z", "-o", &hello, "x"]).contains("'-Z'"));
+    assert!(bad(&["-o", &hello]).contains("VM name"));
+    let big = dir.join("big.initrd");
+    std::fs::write(&big, vec![0u8; 8 << 20]).unwrap();
+    let e = bad(&[
+        "-m",
+        "4M",
+        "-o",
+        &hello,
+        "-o",
+        &format!("boot.initrd={}", big.display()),
+        "x",
+    ]);
+    assert!(e.contains("Cannot load kernel"), "{e}");
+}

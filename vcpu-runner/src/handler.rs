@@ -1,0 +1,382 @@
+//! The pure exit handler: classify one exit, run the fast stage inline or hand it to the slow stage.
+//!
+//! It knows nothing of KVM: it takes a [`VmExit`] and returns an [`Action`], so unit tests drive it with
+//! hand-made exits. The borrowed exit data never leaves this function: what crosses to the device-model
+//! side is an owned [`ExitRecord`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pipeline::{CompletionRecord, ExitKind, ExitRecord};
+use stages::bus::fill_unclaimed;
+use stages::platform::{le_value, put_le_value};
+use stages::{Bus, BusDevice, DeviceId, Space, Stage, VmRequest, VmRequests};
+
+use crate::backend::VmExit;
+use crate::ratelimit::RateLimit;
+use crate::stats::{Stat, VcpuStats};
+
+/// `ExitRecord::flags`: the vCPU did not wait for this record.
+pub const FLAG_POSTED: u32 = pipeline::ExitFlags::POSTED.bits();
+/// `ExitRecord::flags`: the vCPU waits for a completion with the same `seq`.
+pub const FLAG_NEEDS_COMPLETION: u32 = pipeline::ExitFlags::NEEDS_COMPLETION.bits();
+
+/// Why the slow path failed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SlowPathError {
+    /// The device-model side did not make room or answer in time.
+    #[error("Device-model side did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The ring reported corruption or the peer answered out of protocol.
+    #[error("Exit ring protocol error: {0}")]
+    Protocol(String),
+    /// The VM is stopping.
+    #[error("VM is stopping")]
+    Stopping,
+}
+
+/// The vCPU's end of its exit ring and completion ring.
+pub trait SlowPath: Send {
+    /// Posts `rec` (waits, bounded, for room if the ring is full; returns whether it had to wait).
+    fn post(&mut self, rec: ExitRecord) -> Result<bool, SlowPathError>;
+    /// Waits for the completion of record `seq`.
+    fn wait(&mut self, seq: u64) -> Result<CompletionRecord, SlowPathError>;
+}
+
+/// A device that runs inline on the vCPU thread. One lock per device; no other lock is taken while
+/// holding it.
+pub type FastDevice = Arc<Mutex<dyn BusDevice>>;
+
+/// What every vCPU of a VM shares: the bus, the fast devices, the request word.
+pub struct Platform {
+    /// The classifier.
+    pub bus: Bus,
+    /// Fast devices by id (`None` for slow or unused ids).
+    pub fast: Vec<Option<FastDevice>>,
+    /// Names by device id (for logs and stats).
+    pub names: Vec<String>,
+    /// VM-wide requests (stop, reset, ...).
+    pub requests: Arc<VmRequests>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform")
+            .field("bus", &self.bus)
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+impl Platform {
+    /// The name of `id`, for messages.
+    pub fn name(&self, id: DeviceId) -> &str {
+        self.names
+            .get(usize::from(id.0))
+            .map_or("?", |s| s.as_str())
+    }
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Re-enter the guest.
+    Continue,
+    /// Stop the VM with this request (a device asked, or the guest triple-faulted).
+    Stop(VmRequest),
+    /// Stop the VM with an error (bhyve exit status 4).
+    Fail(String),
+}
+
+/// One vCPU's exit handler.
+pub struct ExitHandler<S: SlowPath> {
+    vcpu: u32,
+    platform: Arc<Platform>,
+    slow: S,
+    seq: u64,
+    stats: Arc<VcpuStats>,
+    unclaimed_log: RateLimit,
+    error_log: RateLimit,
+}
+
+impl<S: SlowPath> std::fmt::Debug for ExitHandler<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExitHandler")
+            .field("vcpu", &self.vcpu)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl<S: SlowPath> ExitHandler<S> {
+    /// The handler of vCPU `vcpu`.
+    pub fn new(vcpu: u32, platform: Arc<Platform>, slow: S, stats: Arc<VcpuStats>) -> Self {
+        Self {
+            vcpu,
+            platform,
+            slow,
+            seq: 0,
+            stats,
+            unclaimed_log: RateLimit::new(10, Duration::from_secs(1)),
+            error_log: RateLimit::new(10, Duration::from_secs(1)),
+        }
+    }
+
+    /// The counters this handler increments.
+    pub fn stats(&self) -> &Arc<VcpuStats> {
+        &self.stats
+    }
+
+    /// The VM-wide request, if a device (on any thread) made one.
+    #[inline]
+    pub fn pending_request(&self) -> Option<VmRequest> {
+        self.platform.requests.pending()
+    }
+
+    /// Handles one exit.
+    pub fn handle(&mut self, exit: VmExit<'_>) -> Action {
+        self.stats.inc(Stat::VmExitTotal);
+        let action = match exit {
+            VmExit::IoIn { port, data } => {
+                self.stats.inc(Stat::VmExitInout);
+                self.read(Space::Pio, u64::from(port), data)
+            }
+            VmExit::IoOut { port, data } => {
+                self.stats.inc(Stat::VmExitInout);
+                self.write(Space::Pio, u64::from(port), data)
+            }
+            VmExit::MmioRead { addr, data } => {
+                self.stats.inc(Stat::VmExitMmio);
+                self.read(Space::Mmio, addr, data)
+            }
+            VmExit::MmioWrite { addr, data } => {
+                self.stats.inc(Stat::VmExitMmio);
+                self.write(Space::Mmio, addr, data)
+            }
+            VmExit::Hlt => {
+                // Only without an in-kernel LAPIC: a HLT that reaches us halts the VM (bhyve's
+                // halt detection with one vCPU).
+                self.stats.inc(Stat::VmExitHlt);
+                Action::Stop(VmRequest::Halt)
+            }
+            VmExit::Shutdown => {
+                self.stats.inc(Stat::VmExitShutdown);
+                Action::Stop(VmRequest::TripleFault)
+            }
+            VmExit::IoapicEoi { .. } => {
+                self.stats.inc(Stat::VmExitIoapicEoi);
+                Action::Continue
+            }
+            VmExit::Interrupted => {
+                self.stats.inc(Stat::VmExitIntr);
+                Action::Continue
+            }
+            VmExit::SystemEvent { reset } => Action::Stop(if reset {
+                VmRequest::Reset
+            } else {
+                VmRequest::PowerOff
+            }),
+            VmExit::FailEntry { reason } => {
+                self.stats.inc(Stat::VmExitOther);
+                Action::Fail(format!(
+                    "vCPU {} could not enter the guest (hardware entry failure reason {reason:#x})",
+                    self.vcpu
+                ))
+            }
+            VmExit::InternalError { suberror } => {
+                self.stats.inc(Stat::VmExitOther);
+                Action::Fail(format!(
+                    "vCPU {}: hypervisor internal error (suberror {suberror})",
+                    self.vcpu
+                ))
+            }
+            VmExit::Other { reason } => {
+                self.stats.inc(Stat::VmExitOther);
+                Action::Fail(format!(
+                    "vCPU {}: unhandled exit reason {reason}",
+                    self.vcpu
+                ))
+            }
+        };
+        if action == Action::Continue {
+            if let Some(req) = self.platform.requests.pending() {
+                return Action::Stop(req);
+            }
+        }
+        action
+    }
+
+    fn fast_device(&self, id: DeviceId) -> Option<&FastDevice> {
+        self.platform.fast.get(usize::from(id.0))?.as_ref()
+    }
+
+    fn read(&mut self, space: Space, addr: u64, data: &mut [u8]) -> Action {
+        // Fill before dispatch: a device that ignores a register leaves all-ones, like an unclaimed read.
+        fill_unclaimed(data);
+        let Some(route) = self.platform.bus.route(space, addr) else {
+            self.stats.inc(Stat::UnclaimedRead);
+            self.log_unclaimed("read", space, addr, data.len());
+            return Action::Continue;
+        };
+        match route.stage {
+            Stage::Fast => {
+                self.stats.inc(Stat::FastStage);
+                if let Some(dev) = self.fast_device(route.device) {
+                    lock(dev).read(route.offset, data);
+                }
+                Action::Continue
+            }
+            Stage::Slow => {
+                self.stats.inc(Stat::SlowWaited);
+                let kind = match space {
+                    Space::Pio => ExitKind::PioRead,
+                    Space::Mmio => ExitKind::MmioRead,
+                };
+                let rec = self.record(kind, addr, route.offset, route.device, 0, data.len());
+                let seq = rec.seq;
+                let result = self.slow.post(rec).and_then(|waited| {
+                    if waited {
+                        self.stats.inc(Stat::RingFull);
+                    }
+                    self.slow.wait(seq)
+                });
+                match result {
+                    Ok(c) if c.seq == seq && c.status == 0 => {
+                        put_le_value(data, c.data);
+                        Action::Continue
+                    }
+                    Ok(c) => {
+                        // A device-side error answers all-ones, as an aborted PCI read would.
+                        self.stats.inc(Stat::SlowPathError);
+                        self.log_error(&format!(
+                            "completion seq {} status {} for read seq {seq}",
+                            c.seq, c.status
+                        ));
+                        Action::Continue
+                    }
+                    Err(SlowPathError::Stopping) => Action::Continue,
+                    Err(e) => {
+                        self.stats.inc(Stat::SlowPathError);
+                        Action::Fail(format!(
+                            "vCPU {}: {} read at {addr:#x} ({}): {e}",
+                            self.vcpu,
+                            space,
+                            self.platform.name(route.device)
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, space: Space, addr: u64, data: &[u8]) -> Action {
+        let Some(route) = self.platform.bus.route(space, addr) else {
+            self.stats.inc(Stat::UnclaimedWrite);
+            self.log_unclaimed("write", space, addr, data.len());
+            return Action::Continue;
+        };
+        match route.stage {
+            Stage::Fast => {
+                self.stats.inc(Stat::FastStage);
+                if let Some(dev) = self.fast_device(route.device) {
+                    lock(dev).write(route.offset, data);
+                }
+                Action::Continue
+            }
+            Stage::Slow => {
+                self.stats.inc(Stat::SlowPosted);
+                let kind = match space {
+                    Space::Pio => ExitKind::PioWrite,
+                    Space::Mmio => ExitKind::MmioWrite,
+                };
+                let rec = self.record(
+                    kind,
+                    addr,
+                    route.offset,
+                    route.device,
+                    le_value(data),
+                    data.len(),
+                );
+                match self.slow.post(rec) {
+                    Ok(waited) => {
+                        if waited {
+                            self.stats.inc(Stat::RingFull);
+                        }
+                        Action::Continue
+                    }
+                    Err(SlowPathError::Stopping) => Action::Continue,
+                    Err(e) => {
+                        self.stats.inc(Stat::SlowPathError);
+                        Action::Fail(format!(
+                            "vCPU {}: {} write at {addr:#x} ({}): {e}",
+                            self.vcpu,
+                            space,
+                            self.platform.name(route.device)
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn record(
+        &mut self,
+        kind: ExitKind,
+        addr: u64,
+        offset: u64,
+        device: DeviceId,
+        data: u64,
+        size: usize,
+    ) -> ExitRecord {
+        self.seq = self.seq.wrapping_add(1);
+        let posted = matches!(kind, ExitKind::PioWrite | ExitKind::MmioWrite);
+        ExitRecord {
+            seq: self.seq,
+            addr,
+            offset,
+            data,
+            vcpu: self.vcpu,
+            device: device.0,
+            kind: kind as u8,
+            // Access widths come from the backend (1..=8); anything larger is clamped, never wrapped.
+            size: u8::try_from(size.min(8)).unwrap_or(8),
+            flags: if posted {
+                FLAG_POSTED
+            } else {
+                FLAG_NEEDS_COMPLETION
+            },
+            reserved: 0,
+        }
+    }
+
+    fn log_unclaimed(&mut self, what: &str, space: Space, addr: u64, len: usize) {
+        if let Some(suppressed) = self.unclaimed_log.check(Instant::now()) {
+            let more = if suppressed > 0 {
+                format!(" ({suppressed} similar messages suppressed)")
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "vcpu {}: unclaimed {len}-byte {space} {what} at {addr:#x}{more}",
+                self.vcpu
+            );
+        }
+    }
+
+    fn log_error(&mut self, msg: &str) {
+        if let Some(suppressed) = self.error_log.check(Instant::now()) {
+            eprintln!(
+                "vcpu {}: slow stage: {msg} ({suppressed} suppressed)",
+                self.vcpu
+            );
+        }
+    }
+}
+
+/// Locks a device; a poisoned lock (a device panicked on another thread) still yields the device, so
+/// one bad device model cannot wedge every vCPU.
+#[inline]
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

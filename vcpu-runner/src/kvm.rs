@@ -1,0 +1,393 @@
+//! The `/dev/kvm` backend: the first implementation of [`Hypervisor`], on kvm-ioctls.
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_msi, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::backend::{
+    BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, Regs, Segment, SpecialRegs,
+    Vcpu, VirtKind, Vm, VmExit,
+};
+
+/// Detects what virtualizes guests on this host, from the loaded modules and the CPU flags.
+pub fn detect_virt() -> VirtKind {
+    // Software virtualizers behind the KVM API announce themselves as a module.
+    for m in ["kvm_pvm"] {
+        if std::path::Path::new("/sys/module").join(m).exists() {
+            return VirtKind::Software(m.to_string());
+        }
+    }
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(|l| l.to_string())
+        })
+        .unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    if has("vmx") {
+        VirtKind::VmxEpt
+    } else if has("svm") {
+        VirtKind::SvmNpt
+    } else {
+        VirtKind::Unknown
+    }
+}
+
+/// `/dev/kvm`, opened and probed.
+#[derive(Debug)]
+pub struct KvmHypervisor {
+    kvm: Kvm,
+    caps: Capabilities,
+    cpuid: CpuId,
+}
+
+impl KvmHypervisor {
+    /// Opens `/dev/kvm` and probes what it offers.
+    pub fn open() -> Result<Self, BackendError> {
+        Self::open_path("/dev/kvm")
+    }
+
+    /// Opens a KVM device node at `path`.
+    pub fn open_path(path: &str) -> Result<Self, BackendError> {
+        let c = std::ffi::CString::new(path)
+            .map_err(|_| BackendError::Invalid(format!("bad device path {path:?}")))?;
+        let kvm = Kvm::new_with_path(&c).map_err(|e| BackendError::Open {
+            path: path.to_string(),
+            source: e.into(),
+        })?;
+        let caps = Capabilities {
+            api_version: kvm.get_api_version(),
+            virt: detect_virt(),
+            split_irqchip: kvm.check_extension(Cap::SplitIrqchip),
+            immediate_exit: kvm.check_extension(Cap::ImmediateExit),
+            irqfd: kvm.check_extension(Cap::Irqfd),
+            ioeventfd: kvm.check_extension(Cap::Ioeventfd),
+            signal_msi: kvm.check_extension(Cap::SignalMsi),
+            irq_routes: u32::try_from(kvm.check_extension_int(Cap::IrqRouting)).unwrap_or(0),
+            max_vcpus: u32::try_from(kvm.get_nr_vcpus()).unwrap_or(1),
+        };
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| BackendError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(Self { kvm, caps, cpuid })
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    type Vm = KvmVm;
+
+    fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn create_vm(&self, split_irqchip_pins: Option<u32>) -> Result<KvmVm, BackendError> {
+        let vm = self
+            .kvm
+            .create_vm()
+            .map_err(|e| BackendError::ioctl("KVM_CREATE_VM", e))?;
+        if let Some(pins) = split_irqchip_pins {
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_SPLIT_IRQCHIP,
+                ..Default::default()
+            };
+            cap.args[0] = u64::from(pins);
+            vm.enable_cap(&cap)
+                .map_err(|e| BackendError::ioctl("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", e))?;
+        }
+        Ok(KvmVm {
+            vm,
+            cpuid: self.cpuid.clone(),
+        })
+    }
+}
+
+/// A KVM VM.
+#[derive(Debug)]
+pub struct KvmVm {
+    vm: VmFd,
+    cpuid: CpuId,
+}
+
+impl Vm for KvmVm {
+    type Vcpu = KvmVcpu;
+
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        gpa: u64,
+        host_addr: u64,
+        size: u64,
+    ) -> Result<(), BackendError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host_addr,
+            flags: 0,
+        };
+        // SAFETY: the caller guarantees the host range stays mapped for the VM's lifetime.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| BackendError::ioctl("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<KvmVcpu, BackendError> {
+        let fd = self
+            .vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| BackendError::ioctl("KVM_CREATE_VCPU", e))?;
+        let mut cpuid = self.cpuid.clone();
+        crate::cpuid::apply_policy(&mut cpuid, id);
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| BackendError::ioctl("KVM_SET_CPUID2", e))?;
+        Ok(KvmVcpu { fd })
+    }
+
+    fn signal_msi(&self, addr: u64, data: u32) -> Result<(), BackendError> {
+        let msi = kvm_msi {
+            address_lo: u32::try_from(addr & 0xffff_ffff).unwrap_or(0),
+            address_hi: u32::try_from(addr >> 32).unwrap_or(0),
+            data,
+            ..Default::default()
+        };
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| BackendError::ioctl("KVM_SIGNAL_MSI", e))
+    }
+}
+
+/// A KVM vCPU.
+#[derive(Debug)]
+pub struct KvmVcpu {
+    fd: VcpuFd,
+}
+
+fn to_kvm_seg(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: u8::from(s.present),
+        dpl: s.dpl,
+        db: u8::from(s.db),
+        s: u8::from(s.s),
+        l: u8::from(s.l),
+        g: u8::from(s.g),
+        avl: 0,
+        unusable: u8::from(s.unusable),
+        padding: 0,
+    }
+}
+
+fn from_kvm_seg(s: &kvm_segment) -> Segment {
+    Segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present != 0,
+        dpl: s.dpl,
+        db: s.db != 0,
+        s: s.s != 0,
+        l: s.l != 0,
+        g: s.g != 0,
+        unusable: s.unusable != 0,
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    #[inline]
+    fn run(&mut self) -> Result<VmExit<'_>, BackendError> {
+        // The run structure is an mmap of the vCPU fd: its address is stable for the fd's life.
+        let run_ptr: *const kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        match self.fd.run() {
+            Ok(exit) => Ok(match exit {
+                VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
+                VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
+                VcpuExit::MmioRead(addr, data) => VmExit::MmioRead { addr, data },
+                VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
+                VcpuExit::Hlt => VmExit::Hlt,
+                VcpuExit::Shutdown => VmExit::Shutdown,
+                VcpuExit::IoapicEoi(vector) => VmExit::IoapicEoi { vector },
+                VcpuExit::Intr => VmExit::Interrupted,
+                VcpuExit::SystemEvent(t, _) => VmExit::SystemEvent {
+                    reset: t == KVM_SYSTEM_EVENT_RESET,
+                },
+                VcpuExit::FailEntry(reason, _) => VmExit::FailEntry { reason },
+                VcpuExit::InternalError => VmExit::InternalError {
+                    suberror: {
+                        // SAFETY: `run_ptr` points at the live run structure (mapped for the fd's
+                        // life), which KVM has finished writing for this exit.
+                        let run = unsafe { &*run_ptr };
+                        // SAFETY: the exit reason says the `internal` member of the union is live.
+                        unsafe { run.__bindgen_anon_1.internal.suberror }
+                    },
+                },
+                VcpuExit::Unsupported(r) => VmExit::Other { reason: r },
+                other => VmExit::Other {
+                    reason: exit_number(&other),
+                },
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VmExit::Interrupted)
+            }
+            Err(e) => Err(BackendError::ioctl("KVM_RUN", e)),
+        }
+    }
+
+    fn set_entry(&mut self, e: &EntryRegs) -> Result<(), BackendError> {
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|err| BackendError::ioctl("KVM_GET_SREGS", err))?;
+        sregs.cs = to_kvm_seg(&e.cs);
+        for s in [
+            &mut sregs.ds,
+            &mut sregs.es,
+            &mut sregs.fs,
+            &mut sregs.gs,
+            &mut sregs.ss,
+        ] {
+            *s = to_kvm_seg(&e.ds);
+        }
+        if let Some(tr) = &e.tr {
+            sregs.tr = to_kvm_seg(tr);
+        }
+        sregs.gdt.base = e.gdt.base;
+        sregs.gdt.limit = e.gdt.limit;
+        sregs.cr0 = e.cr0;
+        sregs.cr3 = e.cr3;
+        sregs.cr4 = e.cr4;
+        sregs.efer = e.efer;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|err| BackendError::ioctl("KVM_SET_SREGS", err))?;
+        let regs = kvm_regs {
+            rip: e.rip,
+            rsp: e.rsp,
+            rsi: e.rsi,
+            rbx: e.rbx,
+            rax: e.rax,
+            rflags: e.rflags | 2,
+            ..Default::default()
+        };
+        self.fd
+            .set_regs(&regs)
+            .map_err(|err| BackendError::ioctl("KVM_SET_REGS", err))
+    }
+
+    fn regs(&self) -> Result<Regs, BackendError> {
+        let r = self
+            .fd
+            .get_regs()
+            .map_err(|e| BackendError::ioctl("KVM_GET_REGS", e))?;
+        Ok(Regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        })
+    }
+
+    fn set_regs(&self, r: &Regs) -> Result<(), BackendError> {
+        let k = kvm_regs {
+            rax: r.rax,
+            rbx: r.rbx,
+            rcx: r.rcx,
+            rdx: r.rdx,
+            rsi: r.rsi,
+            rdi: r.rdi,
+            rsp: r.rsp,
+            rbp: r.rbp,
+            r8: r.r8,
+            r9: r.r9,
+            r10: r.r10,
+            r11: r.r11,
+            r12: r.r12,
+            r13: r.r13,
+            r14: r.r14,
+            r15: r.r15,
+            rip: r.rip,
+            rflags: r.rflags,
+        };
+        self.fd
+            .set_regs(&k)
+            .map_err(|e| BackendError::ioctl("KVM_SET_REGS", e))
+    }
+
+    fn sregs(&self) -> Result<SpecialRegs, BackendError> {
+        let s = self
+            .fd
+            .get_sregs()
+            .map_err(|e| BackendError::ioctl("KVM_GET_SREGS", e))?;
+        Ok(SpecialRegs {
+            cs: from_kvm_seg(&s.cs),
+            ds: from_kvm_seg(&s.ds),
+            es: from_kvm_seg(&s.es),
+            fs: from_kvm_seg(&s.fs),
+            gs: from_kvm_seg(&s.gs),
+            ss: from_kvm_seg(&s.ss),
+            tr: from_kvm_seg(&s.tr),
+            ldt: from_kvm_seg(&s.ldt),
+            gdt: DescriptorTable {
+                base: s.gdt.base,
+                limit: s.gdt.limit,
+            },
+            idt: DescriptorTable {
+                base: s.idt.base,
+                limit: s.idt.limit,
+            },
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            cr8: s.cr8,
+            efer: s.efer,
+            apic_base: s.apic_base,
+        })
+    }
+
+    #[inline]
+    fn set_immediate_exit(&mut self, on: bool) {
+        self.fd.set_kvm_immediate_exit(u8::from(on));
+    }
+
+    fn immediate_exit_ptr(&mut self) -> *mut u8 {
+        std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit)
+    }
+}
+
+fn exit_number(e: &VcpuExit<'_>) -> u32 {
+    use kvm_bindings::*;
+    match e {
+        VcpuExit::Unknown => KVM_EXIT_UNKNOWN,
+        VcpuExit::Exception => KVM_EXIT_EXCEPTION,
+        VcpuExit::Hypercall(_) => KVM_EXIT_HYPERCALL,
+        VcpuExit::Debug(_) => KVM_EXIT_DEBUG,
+        VcpuExit::IrqWindowOpen => KVM_EXIT_IRQ_WINDOW_OPEN,
+        VcpuExit::Nmi => KVM_EXIT_NMI,
+        VcpuExit::X86Rdmsr(_) => KVM_EXIT_X86_RDMSR,
+        VcpuExit::X86Wrmsr(_) => KVM_EXIT_X86_WRMSR,
+        VcpuExit::MemoryFault { .. } => KVM_EXIT_MEMORY_FAULT,
+        _ => u32::MAX,
+    }
+}

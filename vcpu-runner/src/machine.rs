@@ -1,0 +1,512 @@
+//! A whole VM: guest memory, the device registry, one pinned thread per vCPU with its exit ring and
+//! completion ring, one device-model thread per exit ring, and a bounded stop.
+//!
+//! Lock order: a device's own mutex is the only lock taken on the exit path; `VcpuControl` locks are
+//! taken only by controllers and never while a device lock is held.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pipeline::{CompletionRecord, Consumer, ExitRecord, Producer, RingError};
+use stages::slow::{SlowDevice, SlowSide, SlowStats};
+use stages::{Bus, BusDevice, BusError, DeviceId, Space, Stage, VmRequest, VmRequests};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::backend::{BackendError, EntryRegs, Hypervisor, Vcpu, Vm};
+use crate::control::{install_kick_handler, RunState, VcpuControl};
+use crate::handler::{ExitHandler, FastDevice, Platform, SlowPath, SlowPathError};
+use crate::runner::{pin_to_cpu, run_vcpu, VcpuOutcome};
+use crate::stats::VcpuStats;
+
+/// Errors building or running a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// The backend refused something.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// Guest memory could not be allocated.
+    #[error("Cannot allocate {size} bytes of guest memory: {why}")]
+    Memory {
+        /// Bytes asked for.
+        size: u64,
+        /// The allocator's reason.
+        why: String,
+    },
+    /// A device range was refused.
+    #[error("Device {name}: {source}")]
+    Device {
+        /// Device name.
+        name: String,
+        /// Why.
+        #[source]
+        source: BusError,
+    },
+    /// A ring could not be set up.
+    #[error("Exit rings: {0}")]
+    Rings(String),
+    /// A thread could not be started.
+    #[error("Cannot start thread {name}: {source}")]
+    Thread {
+        /// Thread name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Devices being registered: one bus, one registry (fast and slow share the id space).
+#[derive(Default)]
+pub struct Devices {
+    bus: Bus,
+    fast: Vec<Option<FastDevice>>,
+    slow: Vec<Option<SlowDevice>>,
+    names: Vec<String>,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+impl Devices {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `dev` under `name` for `len` bytes at `base` in `space`, in `stage`.
+    pub fn add(
+        &mut self,
+        name: &str,
+        space: Space,
+        base: u64,
+        len: u64,
+        stage: Stage,
+        dev: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<DeviceId, MachineError> {
+        let id = u16::try_from(self.names.len()).map_err(|_| MachineError::Device {
+            name: name.to_string(),
+            source: BusError::Full,
+        })?;
+        let id = DeviceId(id);
+        self.add_range(name, id, space, base, len, stage)?;
+        self.names.push(name.to_string());
+        let (f, s) = match stage {
+            Stage::Fast => (Some(dev), None),
+            Stage::Slow => (None, Some(dev)),
+        };
+        self.fast.push(f);
+        self.slow.push(s);
+        Ok(id)
+    }
+
+    /// Adds one more range for an already registered device.
+    pub fn add_range(
+        &mut self,
+        name: &str,
+        id: DeviceId,
+        space: Space,
+        base: u64,
+        len: u64,
+        stage: Stage,
+    ) -> Result<(), MachineError> {
+        self.bus
+            .insert(space, base, len, id, stage)
+            .map_err(|source| MachineError::Device {
+                name: name.to_string(),
+                source,
+            })
+    }
+
+    /// Device names by id.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The bus as registered so far.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Pin vCPU `i` to host CPU `i % host_cpus` (and its device-model thread next to it).
+    pub pin: bool,
+    /// Slots per exit ring and per completion ring (power of two).
+    pub ring_capacity: u32,
+    /// How long a device-model thread spins for records before it parks.
+    pub device_spin: Duration,
+    /// How long a vCPU spins for a completion before it parks.
+    pub completion_spin: Duration,
+    /// How long a vCPU waits for a completion (or for ring room) before it declares the device side
+    /// dead.
+    pub completion_timeout: Duration,
+    /// Bound on each control round trip (pause, resume, stop).
+    pub control_timeout: Duration,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            pin: true,
+            ring_capacity: 1024,
+            device_spin: Duration::from_micros(200),
+            completion_spin: Duration::from_micros(100),
+            completion_timeout: Duration::from_secs(2),
+            control_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunExit {
+    /// The guest or a device asked to stop.
+    Request(VmRequest),
+    /// Stopped from the host (signal, control request).
+    Stopped,
+    /// Something failed.
+    Error(String),
+}
+
+impl RunExit {
+    /// bhyve(8) process exit status.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            RunExit::Request(r) => r.exit_status(),
+            RunExit::Stopped | RunExit::Error(_) => 4,
+        }
+    }
+}
+
+/// The result of [`Machine::run`].
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// How it ended.
+    pub exit: RunExit,
+    /// Per-vCPU counters.
+    pub vcpu_stats: Vec<Arc<VcpuStats>>,
+    /// Per device-model thread counters.
+    pub slow_stats: Vec<Arc<SlowStats>>,
+    /// Wall time from the first vCPU entry to the stop.
+    pub elapsed: Duration,
+    /// Problems met while stopping (suspected deadlocks), if any.
+    pub stop_problems: Vec<String>,
+}
+
+/// The vCPU end of one ring pair.
+struct RingSlowPath {
+    exits: Producer<ExitRecord>,
+    completions: Consumer<CompletionRecord>,
+    spin: Duration,
+    timeout: Duration,
+    stopping: Arc<AtomicBool>,
+}
+
+fn ring_err(e: RingError) -> SlowPathError {
+    match e {
+        RingError::Timeout => SlowPathError::Timeout(Duration::ZERO),
+        other => SlowPathError::Protocol(other.to_string()),
+    }
+}
+
+impl SlowPath for RingSlowPath {
+    #[inline]
+    fn post(&mut self, rec: ExitRecord) -> Result<bool, SlowPathError> {
+        let Err(mut rec) = self.exits.try_push(rec) else {
+            return Ok(false);
+        };
+        // Full: the device side is behind. Wait (bounded) for room; posted writes stay in order.
+        let start = Instant::now();
+        loop {
+            std::hint::spin_loop();
+            match self.exits.try_push(rec) {
+                Ok(()) => return Ok(true),
+                Err(back) => rec = back,
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                return Err(SlowPathError::Stopping);
+            }
+            if start.elapsed() > self.timeout {
+                return Err(SlowPathError::Timeout(self.timeout));
+            }
+            if start.elapsed() > self.spin {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    #[inline]
+    fn wait(&mut self, seq: u64) -> Result<CompletionRecord, SlowPathError> {
+        match self
+            .completions
+            .wait_completion(seq, self.spin, self.timeout)
+        {
+            Ok(c) => Ok(c),
+            Err(RingError::Timeout) if self.stopping.load(Ordering::Acquire) => {
+                Err(SlowPathError::Stopping)
+            }
+            Err(RingError::Timeout) => Err(SlowPathError::Timeout(self.timeout)),
+            Err(e) => Err(ring_err(e)),
+        }
+    }
+}
+
+/// A VM ready to run.
+pub struct Machine<H: Hypervisor> {
+    vm: Arc<H::Vm>,
+    memory: GuestMemoryMmap<()>,
+    ncpus: u32,
+}
+
+impl<H: Hypervisor> std::fmt::Debug for Machine<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("ncpus", &self.ncpus)
+            .finish()
+    }
+}
+
+/// Number of host CPUs.
+pub fn host_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl<H: Hypervisor> Machine<H>
+where
+    H::Vm: 'static,
+    <H::Vm as Vm>::Vcpu: 'static,
+{
+    /// Creates the VM and its guest memory (`ram` as (guest address, bytes) ranges).
+    pub fn new(
+        hv: &H,
+        ram: &[(GuestAddress, usize)],
+        ncpus: u32,
+        split_irqchip: bool,
+    ) -> Result<Self, MachineError> {
+        let vm = hv.create_vm(split_irqchip.then_some(24))?;
+        let total: u64 = ram.iter().map(|(_, l)| *l as u64).sum();
+        let memory = GuestMemoryMmap::<()>::from_ranges(ram).map_err(|e| MachineError::Memory {
+            size: total,
+            why: e.to_string(),
+        })?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host =
+                memory
+                    .get_host_address(region.start_addr())
+                    .map_err(|e| MachineError::Memory {
+                        size: total,
+                        why: e.to_string(),
+                    })?;
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            // SAFETY: the mapping belongs to `memory`, which the Machine owns and drops only after
+            // every vCPU thread has been joined.
+            unsafe {
+                vm.map_memory(slot, region.start_addr().0, host as u64, region.len())?;
+            }
+        }
+        Ok(Self {
+            vm: Arc::new(vm),
+            memory,
+            ncpus,
+        })
+    }
+
+    /// Guest memory, for loaders.
+    pub fn memory(&self) -> &GuestMemoryMmap<()> {
+        &self.memory
+    }
+
+    /// The VM (for MSI injection by device models).
+    pub fn vm(&self) -> &Arc<H::Vm> {
+        &self.vm
+    }
+
+    /// Runs the VM until it stops; `stop` set from outside (a signal handler) stops it too.
+    pub fn run(
+        self,
+        entry: EntryRegs,
+        devices: Devices,
+        requests: Arc<VmRequests>,
+        cfg: &RunConfig,
+        stop: Arc<AtomicBool>,
+    ) -> Result<RunOutcome, MachineError> {
+        install_kick_handler();
+        let platform = Arc::new(Platform {
+            bus: devices.bus,
+            fast: devices.fast,
+            names: devices.names,
+            requests: requests.clone(),
+        });
+        let host = host_cpus();
+        let n = usize::try_from(self.ncpus).unwrap_or(1);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let slow_stop = Arc::new(AtomicBool::new(false));
+        let slow_side = Arc::new(SlowSide::new(devices.slow));
+        let (done_tx, done_rx) = mpsc::channel::<(u32, VcpuOutcome)>();
+        let mut controls = Vec::with_capacity(n);
+        let mut vcpu_threads = Vec::with_capacity(n);
+        let mut slow_threads = Vec::with_capacity(n);
+        let mut vcpu_stats = Vec::with_capacity(n);
+        let mut slow_stats = Vec::with_capacity(n);
+        let start = Instant::now();
+        for i in 0..self.ncpus {
+            let idx = usize::try_from(i).unwrap_or(0);
+            let (ep, mut ec) = pipeline::try_channel::<ExitRecord>(cfg.ring_capacity)
+                .map_err(|e| MachineError::Rings(e.to_string()))?;
+            let (mut cp, cc) = pipeline::try_channel::<CompletionRecord>(cfg.ring_capacity)
+                .map_err(|e| MachineError::Rings(e.to_string()))?;
+
+            // The device-model thread of this ring.
+            let ss = slow_side.clone();
+            slow_stats.push(ss.stats.clone());
+            let st = slow_stop.clone();
+            let spin = cfg.device_spin;
+            let pin = cfg.pin.then_some((idx + 1) % host);
+            let name = format!("devmodel-{i}");
+            slow_threads.push(
+                std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || {
+                        if let Some(cpu) = pin {
+                            let _ = pin_to_cpu(cpu);
+                        }
+                        ss.serve(&mut ec, &mut cp, &st, spin)
+                    })
+                    .map_err(|source| MachineError::Thread { name, source })?,
+            );
+
+            // The vCPU thread.
+            let control = Arc::new(VcpuControl::new(i));
+            controls.push(control.clone());
+            let stats = Arc::new(VcpuStats::default());
+            vcpu_stats.push(stats.clone());
+            let slow = RingSlowPath {
+                exits: ep,
+                completions: cc,
+                spin: cfg.completion_spin,
+                timeout: cfg.completion_timeout,
+                stopping: stopping.clone(),
+            };
+            let vm = self.vm.clone();
+            let platform = platform.clone();
+            let done = done_tx.clone();
+            let pin = cfg.pin.then_some(idx % host);
+            let entry = (i == 0).then_some(entry);
+            let name = format!("vcpu-{i}");
+            vcpu_threads.push(
+                std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || {
+                        if let Some(cpu) = pin {
+                            let _ = pin_to_cpu(cpu);
+                        }
+                        let outcome = (|| {
+                            let mut vcpu = vm.create_vcpu(i)?;
+                            if let Some(e) = entry {
+                                vcpu.set_entry(&e)?;
+                            }
+                            let mut handler = ExitHandler::new(i, platform, slow, stats);
+                            Ok::<_, BackendError>(run_vcpu(&mut vcpu, &mut handler, &control))
+                        })()
+                        .unwrap_or_else(|e| VcpuOutcome::Error(format!("vCPU {i}: {e}")));
+                        let _ = done.send((i, outcome));
+                    })
+                    .map_err(|source| MachineError::Thread { name, source })?,
+            );
+        }
+        drop(done_tx);
+
+        // Wait for the first vCPU to stop, or for a stop from outside.
+        let first = loop {
+            match done_rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(o) => break Some(o),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::Acquire) {
+                        break None;
+                    }
+                    // A device on the slow side may have asked (a vCPU notices on its next exit;
+                    // kick so a vCPU halted in the kernel notices too).
+                    if requests.pending().is_some() {
+                        for c in &controls {
+                            c.kick();
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            }
+        };
+        let elapsed = start.elapsed();
+        let mut exit = match &first {
+            Some((_, VcpuOutcome::Request(r))) => RunExit::Request(*r),
+            Some((_, VcpuOutcome::Error(m))) => RunExit::Error(m.clone()),
+            Some((_, VcpuOutcome::Stopped)) | None => match requests.pending() {
+                Some(r) => RunExit::Request(r),
+                None => RunExit::Stopped,
+            },
+        };
+
+        // Stop every vCPU (bounded), then the device-model threads.
+        stopping.store(true, Ordering::Release);
+        let mut problems = Vec::new();
+        for c in &controls {
+            if let Err(e) = c.request(RunState::Stopping, cfg.control_timeout) {
+                problems.push(e.to_string());
+            }
+        }
+        let mut remaining = n - usize::from(first.is_some());
+        let deadline = Instant::now() + cfg.control_timeout;
+        while remaining > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match done_rx.recv_timeout(left) {
+                Ok((i, VcpuOutcome::Error(m))) => {
+                    problems.push(format!("vCPU {i} while stopping: {m}"));
+                    remaining -= 1;
+                }
+                Ok(_) => remaining -= 1,
+                Err(_) => {
+                    problems.push(format!(
+                        "{remaining} vCPU thread(s) did not stop within {:?}: suspected deadlock",
+                        cfg.control_timeout
+                    ));
+                    break;
+                }
+            }
+        }
+        if remaining == 0 {
+            for t in vcpu_threads {
+                let _ = t.join();
+            }
+        } else {
+            // A vCPU thread is stuck and may still use guest memory: never unmap it under it.
+            std::mem::forget(self.memory);
+        }
+        slow_stop.store(true, Ordering::Release);
+        for t in slow_threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if matches!(exit, RunExit::Stopped | RunExit::Request(_)) {
+                        exit = RunExit::Error(format!("device-model side: {e}"));
+                    }
+                }
+                Err(_) => problems.push("a device-model thread panicked".to_string()),
+            }
+        }
+        Ok(RunOutcome {
+            exit,
+            vcpu_stats,
+            slow_stats,
+            elapsed,
+            stop_problems: problems,
+        })
+    }
+}

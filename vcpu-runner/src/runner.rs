@@ -1,0 +1,89 @@
+//! The vCPU loop: an explicit state machine around `Vcpu::run` and the pure exit handler.
+//!
+//! ```text
+//!            request(Paused)              request(Running)
+//!  Running ───────────────▶ Paused ───────────────────────▶ Running
+//!     │                        │
+//!     │ request(Stopping),     │ request(Stopping)
+//!     │ Stop/Fail from handler ▼
+//!     └──────────────────▶ Stopping  (thread leaves the loop, acknowledges, unregisters)
+//! ```
+
+use crate::backend::{Vcpu, VmExit};
+use crate::control::{register_vcpu_thread, RunState, VcpuControl};
+use crate::handler::{Action, ExitHandler, SlowPath};
+use stages::VmRequest;
+
+/// Why a vCPU loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuOutcome {
+    /// A controller asked it to stop.
+    Stopped,
+    /// The VM asked to stop (power-off, reset, debug exit, triple fault...).
+    Request(VmRequest),
+    /// Something failed (bhyve exit status 4).
+    Error(String),
+}
+
+/// Pins the calling thread to host CPU `cpu`. Failure is reported, not fatal (a container may forbid it).
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so CPU_SET writes inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `vcpu` until it stops. Call on the vCPU's own (pinned) thread.
+pub fn run_vcpu<V: Vcpu, S: SlowPath>(
+    vcpu: &mut V,
+    handler: &mut ExitHandler<S>,
+    control: &VcpuControl,
+) -> VcpuOutcome {
+    let _kick = register_vcpu_thread(vcpu.immediate_exit_ptr());
+    // SAFETY: pthread_self has no preconditions.
+    control.set_thread(unsafe { libc::pthread_self() });
+    control.ack(RunState::Running);
+    let outcome = loop {
+        match control.wanted() {
+            RunState::Running => {}
+            RunState::Paused => {
+                vcpu.set_immediate_exit(false);
+                if control.park_while_paused() == RunState::Stopping {
+                    break VcpuOutcome::Stopped;
+                }
+                continue;
+            }
+            RunState::Stopping => break VcpuOutcome::Stopped,
+        }
+        let action = match vcpu.run() {
+            Ok(VmExit::Interrupted) => None,
+            Ok(exit) => Some(handler.handle(exit)),
+            Err(e) => Some(Action::Fail(format!("vCPU {}: {e}", control.id()))),
+        };
+        match action {
+            None => {
+                // A kick: clear it and look at what the controller wants.
+                vcpu.set_immediate_exit(false);
+                handler.stats().inc(crate::stats::Stat::VmExitIntr);
+                if let Some(r) = handler.pending_request() {
+                    break VcpuOutcome::Request(r);
+                }
+            }
+            Some(Action::Continue) => {}
+            Some(Action::Stop(r)) => break VcpuOutcome::Request(r),
+            Some(Action::Fail(m)) => break VcpuOutcome::Error(m),
+        }
+    };
+    control.ack(RunState::Stopping);
+    control.clear_thread();
+    outcome
+}

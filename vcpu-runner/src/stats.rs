@@ -1,0 +1,79 @@
+//! Per-vCPU counters in the style of `vmm_stat`: one writer (the vCPU thread), any number of readers
+//! (`bhyvectl --get-stats`). Increments are a plain load and store, no locked instruction.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! stats {
+    ($( $name:ident => $desc:literal ),* $(,)?) => {
+        /// One counter of a vCPU.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Stat { $( #[doc = $desc] $name, )* }
+
+        impl Stat {
+            /// Every counter, in display order.
+            pub const ALL: &'static [Stat] = &[$(Stat::$name,)*];
+            /// The description bhyvectl prints (bhyve's wording where bhyve has the counter).
+            pub fn description(self) -> &'static str {
+                match self { $(Stat::$name => $desc,)* }
+            }
+        }
+    };
+}
+
+stats! {
+    VmExitTotal => "total number of vm exits",
+    VmExitInout => "number of times in/out was intercepted",
+    VmExitMmio => "number of mmio exits",
+    VmExitHlt => "number of times hlt was intercepted",
+    VmExitIoapicEoi => "number of EOIs forwarded to the ioapic",
+    VmExitShutdown => "number of triple faults",
+    VmExitIntr => "vm exits due to host interrupts (kicks)",
+    VmExitOther => "number of vm exits for unknown reason",
+    FastStage => "exits handled inline by an in-module device",
+    SlowPosted => "exits posted to the device-model side without waiting",
+    SlowWaited => "exits that waited for a device-model completion",
+    UnclaimedRead => "reads nobody claimed (all-ones returned)",
+    UnclaimedWrite => "writes nobody claimed (dropped)",
+    RingFull => "times the exit ring was full and the vCPU waited for room",
+    SlowPathError => "slow-stage exits that failed (peer error or timeout)",
+}
+
+/// Number of counters.
+pub const NSTATS: usize = Stat::ALL.len();
+
+/// The counters of one vCPU.
+#[derive(Debug)]
+pub struct VcpuStats {
+    counts: [AtomicU64; NSTATS],
+}
+
+impl Default for VcpuStats {
+    fn default() -> Self {
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl VcpuStats {
+    /// Adds one to `s`. Only the owning vCPU thread calls this.
+    #[inline]
+    pub fn inc(&self, s: Stat) {
+        if let Some(c) = self.counts.get(s as usize) {
+            c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// The current value of `s`.
+    pub fn get(&self, s: Stat) -> u64 {
+        self.counts
+            .get(s as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// A snapshot of every counter with its description.
+    pub fn snapshot(&self) -> Vec<(Stat, u64)> {
+        Stat::ALL.iter().map(|&s| (s, self.get(s))).collect()
+    }
+}
