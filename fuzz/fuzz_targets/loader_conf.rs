@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(d.line >= 1 && d.line <= lines);
                 assert!(d.position >= 1);
                 let shown = d.to_string();
-                assert!(shown.starts_with(&format!("fuzz.conf:{}:{}: {}: ", d.line, d.position, d.variable)));
+                assert!(shown.starts_with(&format!(
+                    "fuzz.conf:{}:{}: {}: ",
+                    d.line, d.position, d.variable
+                )));
             }
         }
         Err(e) => assert!(e.to_string().starts_with("fuzz.conf:")),
