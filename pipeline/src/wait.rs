@@ -109,12 +109,20 @@ impl WakeWord {
         // Without std (and outside loom) there is no way to sleep, so nobody to wake.
     }
 
+    /// The consumer's write of the word (only on the slow path: before and after sleeping).
+    ///
+    /// An RMW rather than a plain store. On hardware either is correct: the ordering comes
+    /// from the `SeqCst` fences of the protocol. But the RMW also reads the newest value, so
+    /// the write is ordered after the producer's last `swap(AWAKE)` even in a model that keeps
+    /// modification order as vector clocks: with a plain store, loom (0.7) treats the two as
+    /// concurrent and reports a lost wake-up that C++20's fence rules exclude (seen at
+    /// preemption bound 4; see loom-tests/README.md).
     #[cfg_attr(
         not(any(feature = "std", loom)),
         allow(dead_code, reason = "no waiting without std")
     )]
     pub(crate) fn set(&self, value: u32) {
-        self.word.store(value, Ordering::Relaxed);
+        self.word.swap(value, Ordering::Relaxed);
     }
 }
 
