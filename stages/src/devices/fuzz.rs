@@ -69,6 +69,19 @@ impl<'a> Input<'a> {
     }
 }
 
+/// What one harness run did, so tests can check that random traffic reached the interesting
+/// states (interrupts actually fired) and did not just bounce off invalid accesses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FuzzStats {
+    /// Operations executed.
+    pub ops: u64,
+    /// Interrupts produced: rising edges (timers), MSIs (I/O APIC), vectors acknowledged (PIC),
+    /// or for PCI the data reads that reached a function.
+    pub interrupts: u64,
+    /// Simulated time covered, in nanoseconds.
+    pub elapsed_ns: u64,
+}
+
 /// Poll `dev` at `now` and check the per-poll invariants.
 fn checked_poll<T: TimerDevice>(dev: &mut T, now: u64, irq: &mut IrqRecorder) {
     let before = irq.clone();
@@ -106,12 +119,19 @@ fn storm_bound(timers: u64, elapsed_ns: u64, accesses: u64) -> u64 {
 
 /// Fuzz the 8254 PIT and port 0x61.
 pub fn fuzz_pit(data: &[u8]) {
+    run_pit(data);
+}
+
+/// [`fuzz_pit`], returning what the run did.
+pub fn run_pit(data: &[u8]) -> FuzzStats {
+    let mut stats = FuzzStats::default();
     let clock = ManualClock::new(1);
     let mut pit = Pit::new(&clock);
     let mut irq = IrqRecorder::new();
     let mut inp = Input::new(data);
     let mut accesses = 0u64;
     while let Some(op) = inp.u8() {
+        stats.ops += 1;
         match op % 6 {
             0 => {
                 let (Some(off), Some(w)) = (inp.u8(), inp.width()) else {
@@ -153,16 +173,26 @@ pub fn fuzz_pit(data: &[u8]) {
         "PIT raised IRQ 0 {} times (bound {bound})",
         irq.rising(0)
     );
+    stats.interrupts = irq.total_rising();
+    stats.elapsed_ns = clock.get() - 1;
+    stats
 }
 
 /// Fuzz the HPET.
 pub fn fuzz_hpet(data: &[u8]) {
+    run_hpet(data);
+}
+
+/// [`fuzz_hpet`], returning what the run did.
+pub fn run_hpet(data: &[u8]) -> FuzzStats {
+    let mut stats = FuzzStats::default();
     let clock = ManualClock::new(1);
     let mut hpet = Hpet::new(&clock);
     let mut irq = IrqRecorder::new();
     let mut inp = Input::new(data);
     let mut accesses = 0u64;
     while let Some(op) = inp.u8() {
+        stats.ops += 1;
         match op % 5 {
             0 | 1 => {
                 let (Some(raw), Some(w)) = (inp.u16(), inp.width()) else {
@@ -205,10 +235,19 @@ pub fn fuzz_hpet(data: &[u8]) {
         "HPET raised {} interrupts (bound {bound})",
         irq.total_rising()
     );
+    stats.interrupts = irq.total_rising();
+    stats.elapsed_ns = clock.get() - 1;
+    stats
 }
 
 /// Fuzz the RTC, index-port fuzzing included.
 pub fn fuzz_rtc(data: &[u8]) {
+    run_rtc(data);
+}
+
+/// [`fuzz_rtc`], returning what the run did.
+pub fn run_rtc(data: &[u8]) -> FuzzStats {
+    let mut stats = FuzzStats::default();
     let clock = ManualClock::new(1);
     let mut wall = FixedWallClock::new(1_700_000_000, 123_456_789);
     if let (Some(&a), Some(&b)) = (data.first(), data.get(1)) {
@@ -223,6 +262,7 @@ pub fn fuzz_rtc(data: &[u8]) {
     let mut inp = Input::new(data);
     let mut accesses = 0u64;
     while let Some(op) = inp.u8() {
+        stats.ops += 1;
         match op % 6 {
             0 => {
                 let (Some(off), Some(w)) = (inp.u8(), inp.width()) else {
@@ -277,16 +317,26 @@ pub fn fuzz_rtc(data: &[u8]) {
         "RTC raised IRQ 8 {} times for {accesses} accesses",
         irq.rising(8)
     );
+    stats.interrupts = irq.total_rising();
+    stats.elapsed_ns = clock.get() - 1;
+    stats
 }
 
 /// Fuzz the ACPI PM timer.
 pub fn fuzz_pmtimer(data: &[u8]) {
+    run_pmtimer(data);
+}
+
+/// [`fuzz_pmtimer`], returning what the run did.
+pub fn run_pmtimer(data: &[u8]) -> FuzzStats {
+    let mut stats = FuzzStats::default();
     let clock = ManualClock::new(1);
     let mut pm = PmTimer::new(&clock);
     let mut irq = IrqRecorder::new();
     let mut inp = Input::new(data);
     let mut last: Option<(u64, u32)> = None;
     while let Some(op) = inp.u8() {
+        stats.ops += 1;
         match op % 5 {
             0 => {
                 let (Some(off), Some(w)) = (inp.u8(), inp.width()) else {
@@ -336,14 +386,24 @@ pub fn fuzz_pmtimer(data: &[u8]) {
         }
         service(&mut pm, clock.get(), &mut irq);
     }
+    stats.interrupts = irq.total_rising();
+    stats.elapsed_ns = clock.get() - 1;
+    stats
 }
 
 /// Fuzz the I/O APIC: MMIO traffic, input lines and EOIs.
 pub fn fuzz_ioapic(data: &[u8]) {
+    run_ioapic(data);
+}
+
+/// [`fuzz_ioapic`], returning what the run did.
+pub fn run_ioapic(data: &[u8]) -> FuzzStats {
+    let mut stats = FuzzStats::default();
     let mut io = IoApic::new();
     let mut msi = MsiRecorder::new();
     let mut inp = Input::new(data);
     while let Some(op) = inp.u8() {
+        stats.ops += 1;
         let before = msi.count;
         match op % 5 {
             0 => {
@@ -390,13 +450,22 @@ pub fn fuzz_ioapic(data: &[u8]) {
             );
         }
     }
+    stats.interrupts = msi.count;
+    stats
 }
 
 /// Fuzz the PIC pair: port traffic on the three ranges, input lines and acknowledges.
 pub fn fuzz_pic(data: &[u8]) {
+    run_pic(data);
+}
+
+/// [`fuzz_pic`], returning what the run did.
+pub fn run_pic(data: &[u8]) -> FuzzStats {
+    let mut stats = FuzzStats::default();
     let mut pic = PicPair::new();
     let mut inp = Input::new(data);
     while let Some(op) = inp.u8() {
+        stats.ops += 1;
         let range = match op / 8 % 3 {
             0 => PicRange::Master,
             1 => PicRange::Slave,
@@ -429,6 +498,7 @@ pub fn fuzz_pic(data: &[u8]) {
                 let out = pic.intr_output();
                 let v = pic.pending_vector();
                 assert_eq!(out, v.is_some(), "INT output and pending vector disagree");
+                stats.interrupts += u64::from(v.is_some());
             }
             _ => {
                 let _ = pic.interrupt_acknowledge();
@@ -441,22 +511,36 @@ pub fn fuzz_pic(data: &[u8]) {
             "ELCR let IRQ 0, 1, 2, 8 or 13 become level-triggered"
         );
     }
+    stats
 }
 
 /// Fuzz PCI configuration mechanism #1 with the standard bridges.
 pub fn fuzz_pci(data: &[u8]) {
+    run_pci(data);
+}
+
+/// [`fuzz_pci`], returning what the run did.
+pub fn run_pci(data: &[u8]) -> FuzzStats {
+    let mut stats = FuzzStats::default();
     let Ok(mut io) = standard_config_io::<4>() else {
-        return;
+        return stats;
     };
     let mut inp = Input::new(data);
     while let Some(op) = inp.u8() {
+        stats.ops += 1;
         match op % 3 {
             0 => {
                 let (Some(off), Some(w)) = (inp.u8(), inp.width()) else {
                     break;
                 };
                 let mut buf = [0u8; 16];
-                io.read(u64::from(off % 9), buf.get_mut(..w).unwrap_or(&mut []));
+                let off = u64::from(off % 9);
+                io.read(off, buf.get_mut(..w).unwrap_or(&mut []));
+                let claimed = off >= 4
+                    && io
+                        .decode(off - 4, w)
+                        .is_some_and(|(bdf, _)| io.is_registered(bdf));
+                stats.interrupts += u64::from(claimed);
             }
             1 => {
                 let (Some(off), Some(w)) = (inp.u8(), inp.width()) else {
@@ -499,6 +583,7 @@ pub fn fuzz_pci(data: &[u8]) {
         l.config_read(LPC_BDF, 8, &mut id);
         assert_eq!(u32::from_le_bytes(id) >> 8, 0x06_0100);
     }
+    stats
 }
 
 #[cfg(test)]
