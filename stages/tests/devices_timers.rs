@@ -296,3 +296,27 @@ fn timer_service_helper_polls_only_when_due() {
     assert!(service(&mut pit, clock.get(), &mut irq));
     assert_eq!(irq.rising(0), 1);
 }
+
+#[test]
+fn runner_can_keep_timers_as_trait_objects() {
+    let clock = ManualClock::new(0);
+    let mut pit = Pit::new(&clock);
+    let mut hpet = Hpet::new(&clock);
+    let mut pm = PmTimer::new(&clock);
+    let mut rtc = Rtc::new(&clock, &FixedWallClock::new(0, 0));
+    pit.write(3, &[0x34]);
+    pit.write(0, &[0x9c]);
+    pit.write(0, &[0x2e]); // 11932: 10 ms
+    rtc.write(0, &[REG_B]);
+    rtc.write(1, &[0x12]); // UIE: 1 s
+    let mut timers: [&mut dyn TimerDevice; 4] = [&mut pit, &mut hpet, &mut pm, &mut rtc];
+    let earliest = timers.iter().filter_map(|t| t.next_deadline_ns()).min();
+    assert_eq!(earliest, Some(11932 * NS_PER_SEC / PIT_FREQ_HZ + 1));
+    let mut irq = IrqRecorder::new();
+    clock.set(NS_PER_SEC);
+    for t in timers.iter_mut() {
+        service(&mut **t, clock.get(), &mut irq);
+    }
+    assert_eq!(irq.rising(0), 1, "PIT: one coalesced tick");
+    assert!(irq.level(8), "RTC update-ended interrupt");
+}

@@ -527,7 +527,7 @@ impl<C: Clock> TimerDevice for Hpet<C> {
             .min()
     }
 
-    fn poll(&mut self, now_ns: u64, irq: &mut impl IrqSink) {
+    fn poll(&mut self, now_ns: u64, irq: &mut dyn IrqSink) {
         self.catch_up(now_ns);
         let desired = self.desired_high();
         let changed = desired ^ self.reported_high;

@@ -145,6 +145,9 @@ impl<T: MsiSink + ?Sized> MsiSink for &mut T {
 }
 
 /// The timer protocol every time-keeping device implements (PIT, HPET, RTC, PM timer).
+///
+/// The trait is object safe, so a runner can keep its timers as `&mut dyn TimerDevice` and arm one
+/// host timer for the earliest deadline among them.
 pub trait TimerDevice {
     /// The earliest host-monotonic time (ns, same clock as [`Clock::now_ns`]) at which the device
     /// needs [`TimerDevice::poll`], or `None` when nothing is scheduled. A value at or before the
@@ -154,14 +157,14 @@ pub trait TimerDevice {
     /// Do everything due at `now_ns`: fire expired timers (at most one assertion per timer per call,
     /// missed periods coalesced) and deliver latched line changes to `irq`. Calling it early or
     /// repeatedly is harmless.
-    fn poll(&mut self, now_ns: u64, irq: &mut impl IrqSink);
+    fn poll(&mut self, now_ns: u64, irq: &mut dyn IrqSink);
 }
 
 /// Poll `dev` if its deadline has passed at `now_ns`; returns whether it was polled.
 ///
 /// This is the runner's whole obligation under the timer protocol: call it after every access to
 /// `dev` and whenever a host timer armed for [`TimerDevice::next_deadline_ns`] expires.
-pub fn service<T: TimerDevice + ?Sized>(dev: &mut T, now_ns: u64, irq: &mut impl IrqSink) -> bool {
+pub fn service<T: TimerDevice + ?Sized>(dev: &mut T, now_ns: u64, irq: &mut dyn IrqSink) -> bool {
     match dev.next_deadline_ns() {
         Some(deadline) if deadline <= now_ns => {
             dev.poll(now_ns, irq);
@@ -257,7 +260,7 @@ impl LineLatch {
     }
 
     /// Report pending changes of `line` to `sink`.
-    pub(crate) fn flush(&mut self, line: u32, sink: &mut impl IrqSink) {
+    pub(crate) fn flush(&mut self, line: u32, sink: &mut dyn IrqSink) {
         if self.dipped && self.reported {
             sink.set_irq(line, false);
             self.reported = false;

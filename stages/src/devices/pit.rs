@@ -525,7 +525,7 @@ impl<C: Clock> TimerDevice for Pit<C> {
         self.irq_next_tick.and_then(|t| self.tick_deadline(t))
     }
 
-    fn poll(&mut self, now_ns: u64, irq: &mut impl IrqSink) {
+    fn poll(&mut self, now_ns: u64, irq: &mut dyn IrqSink) {
         let mut pulse = false;
         if let Some(next) = self.irq_next_tick {
             let c = &self.ch[0];

@@ -157,7 +157,7 @@ impl<C: Clock> TimerDevice for PmTimer<C> {
         )
     }
 
-    fn poll(&mut self, now_ns: u64, irq: &mut impl IrqSink) {
+    fn poll(&mut self, now_ns: u64, irq: &mut dyn IrqSink) {
         self.catch_up(now_ns);
         self.line.flush(self.sci_line, irq);
     }

@@ -688,15 +688,25 @@ impl<C: Clock> TimerDevice for Rtc<C> {
         best.map(|t| self.deadline_at(t))
     }
 
-    fn poll(&mut self, now_ns: u64, irq: &mut impl IrqSink) {
+    fn poll(&mut self, now_ns: u64, irq: &mut dyn IrqSink) {
         self.catch_up(now_ns);
         self.line.flush(RTC_IRQ, irq);
     }
 }
 
-/// Seconds since the epoch of a UTC date and time; for tests and tools (no validation).
+/// Seconds since the epoch of a proleptic-Gregorian UTC date and time, for tests and tools. Fields
+/// are not validated (day 0 is the last day of the previous month, and so on) but are clamped to
+/// ranges that cannot overflow: years ±1 000 000, the other fields ±10 000.
 pub fn epoch_secs(year: i64, month: i64, day: i64, hour: i64, min: i64, sec: i64) -> i64 {
-    days_from_civil(year, month, day) * SECS_PER_DAY + hour * 3600 + min * 60 + sec
+    let f = |v: i64| v.clamp(-10_000, 10_000);
+    days_from_civil(
+        year.clamp(-1_000_000, 1_000_000),
+        month.clamp(1, 12),
+        f(day),
+    ) * SECS_PER_DAY
+        + f(hour) * 3600
+        + f(min) * 60
+        + f(sec)
 }
 
 #[cfg(test)]
