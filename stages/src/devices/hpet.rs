@@ -653,6 +653,7 @@ mod tests {
         assert_eq!(irq.rising(26), 0);
         run_until(&mut h, &clock, &mut irq, NS_PER_SEC);
         assert_eq!(irq.rising(26), 1);
+        assert_eq!(h.fired_count(), 1);
         assert!(!irq.level(26));
         assert_eq!(
             h.next_deadline_ns(),

@@ -417,6 +417,7 @@ mod tests {
         io.set_irq(4, false, &mut msi);
         io.set_irq(4, true, &mut msi);
         assert_eq!(msi.count, 2);
+        assert_eq!(io.delivered_count(), 2);
     }
 
     #[test]

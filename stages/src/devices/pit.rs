@@ -607,6 +607,7 @@ mod tests {
         // 1193182 / 1193 = 1000.15 Hz
         let n = irq.rising(0);
         assert!((999..=1001).contains(&n), "got {n} interrupts");
+        assert_eq!(pit.irq_count(), n);
         assert!(!irq.level(0));
     }
 
