@@ -82,6 +82,18 @@ pub enum LoaderError {
         limit: u64,
     },
 
+    // ---- ACPI tables ----
+    /// The ACPI tables do not fit the area the layout gives them.
+    #[error("ACPI tables need {need:#x} bytes from {start:#x} but the ACPI area ends at {end:#x}")]
+    AcpiTablesTooLarge {
+        /// First address of the ACPI area.
+        start: u64,
+        /// Bytes the tables need.
+        need: u64,
+        /// End (exclusive) of the ACPI area.
+        end: u64,
+    },
+
     // ---- recognising the image ----
     /// The image is not any kind of kernel this crate knows.
     #[error("Unrecognised kernel image ({len:#x} bytes): no bzImage \"HdrS\" magic at 0x202, no ELF magic, no multiboot header")]

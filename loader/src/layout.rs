@@ -24,10 +24,14 @@
 //! | `0x0003_0000..0x0004_0000`    | module command lines (PVH, multiboot)                       |
 //! | `0x0004_0000..0x0009_fc00`    | free RAM (a kernel may load here if it asks)                |
 //! | `0x0009_fc00..0x0010_0000`    | reserved: EBDA, VGA, option ROMs, BIOS                      |
+//! | `0x000f_0000..0x000f_2400`    | (kept free for an MP table, where bhyve puts its `mptbl`)   |
+//! | `0x000f_2400..0x0010_0000`    | ACPI tables: RSDP at `0xf_2400` (bhyve's address, found by the 0xE0000..0xFFFFF scan), then XSDT, FADT, FACS, MADT, HPET, MCFG, DSDT packed after it ([`crate::acpi`]) |
 //! | `0x0010_0000..`               | kernel (bzImage at 1 MiB or `pref_address`, ELF at `p_paddr`) |
 //! | initrd / PVH modules          | page-aligned, as high as possible below min(`initrd_addr_max` + 1, RAM end below 4 GiB) |
 //! | multiboot modules             | page-aligned, one after another above the kernel's end      |
 //! | `0xc000_0000..0x1_0000_0000`  | 32-bit MMIO hole (not RAM, a gap in the memory map)         |
+//! | `0xc000_0000..0xe000_0000`    | PCI 32-bit memory window (the DSDT root bridge `_CRS`)      |
+//! | `0xe000_0000..0xf000_0000`    | PCI ECAM, segment 0, buses 0–255 (the MCFG; bhyve's `PCI_EMUL_ECFG_BASE`) |
 //! | `0xfec0_0000`                 | I/O APIC                                                    |
 //! | `0xfed0_0000`                 | HPET                                                        |
 //! | `0xfee0_0000`                 | local APIC                                                  |
@@ -105,6 +109,22 @@ pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const HPET_ADDR: u64 = 0xfed0_0000;
 /// Local APIC base.
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// Start of the legacy BIOS area an OS scans for the RSDP (ACPI: 0xE0000..0xFFFFF).
+pub const BIOS_AREA_START: u64 = 0xe_0000;
+/// Kept free for an MP table (bhyve's `MPTABLE_BASE`); the ACPI tables start after it.
+pub const MPTABLE_ADDR: u64 = 0xf_0000;
+/// ACPI RSDP, the first byte of the ACPI table area (bhyve's `BHYVE_ACPI_BASE`).
+pub const ACPI_RSDP_ADDR: u64 = 0xf_2400;
+/// End (exclusive) of the ACPI table area: the end of the BIOS area.
+pub const ACPI_AREA_END: u64 = HIGH_MEMORY_START;
+/// PCI 32-bit memory window (BARs), from the start of the MMIO hole up to the ECAM.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the PCI 32-bit memory window.
+pub const PCI_MMIO32_END: u64 = PCI_ECAM_ADDR;
+/// PCI ECAM (enhanced configuration access) base, segment 0 (bhyve's `PCI_EMUL_ECFG_BASE`).
+pub const PCI_ECAM_ADDR: u64 = 0xe000_0000;
+/// PCI ECAM size: 1 MiB per bus, buses 0–255.
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
 /// Smallest RAM size the loaders accept (2 MiB).
 pub const MIN_RAM_SIZE: u64 = 0x20_0000;
 /// Largest RAM size the loaders accept (1 TiB).
@@ -124,6 +144,17 @@ const _: () = assert!(BOOT_STACK_POINTER < CMDLINE_ADDR);
 const _: () = assert!(CMDLINE_ADDR + CMDLINE_AREA_SIZE <= MODULE_STRINGS_ADDR);
 const _: () = assert!(MODULE_STRINGS_ADDR + MODULE_STRINGS_SIZE <= LOADER_AREA_END);
 const _: () = assert!(LOADER_AREA_END <= EBDA_START);
+// The ACPI tables sit in the reserved legacy area, inside the window an OS scans for the RSDP, with
+// the RSDP on the 16-byte boundary the scan requires.
+const _: () = assert!(EBDA_START <= BIOS_AREA_START && BIOS_AREA_START <= MPTABLE_ADDR);
+const _: () = assert!(MPTABLE_ADDR < ACPI_RSDP_ADDR && ACPI_RSDP_ADDR % 16 == 0);
+const _: () = assert!(ACPI_AREA_END == HIGH_MEMORY_START);
+// The PCI windows lie in the MMIO hole, below the I/O APIC, HPET and local APIC.
+const _: () = assert!(MMIO_HOLE_START <= PCI_MMIO32_START && PCI_MMIO32_START < PCI_MMIO32_END);
+const _: () = assert!(PCI_MMIO32_END <= PCI_ECAM_ADDR);
+const _: () = assert!(PCI_ECAM_ADDR + PCI_ECAM_SIZE <= IOAPIC_ADDR);
+const _: () =
+    assert!(IOAPIC_ADDR < HPET_ADDR && HPET_ADDR < LAPIC_ADDR && LAPIC_ADDR < MMIO_HOLE_END);
 
 /// Type of a memory-map entry (the e820 numbering, shared by PVH and multiboot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

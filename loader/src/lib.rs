@@ -9,7 +9,7 @@
 //! written to guest memory until the whole image, command line and module set have been
 //! validated and placed.
 //!
-//! All fixed guest-physical addresses are in [`layout`].
+//! All fixed guest-physical addresses are in [`layout`]. [`acpi`] builds the ACPI tables.
 #![warn(
     missing_docs,
     clippy::cast_possible_truncation,
@@ -18,6 +18,7 @@
     clippy::cast_lossless
 )]
 
+pub mod acpi;
 mod elf;
 mod entry;
 mod error;
@@ -27,6 +28,7 @@ mod mem;
 pub mod multiboot;
 pub mod pvh;
 
+pub use acpi::{build_acpi, AcpiConfig};
 pub use entry::{
     regs, CpuMode, EntryState, Segment, CODE32_SELECTOR, CODE64_SELECTOR, DATA_SELECTOR,
     GDT_ENTRIES, GDT_LIMIT, TSS_SELECTOR,
@@ -62,7 +64,7 @@ pub struct BootConfig<'a> {
     /// Guest RAM in bytes; the memory map is [`MemoryLayout::new`]`(mem_size)`.
     pub mem_size: u64,
     /// Number of vCPUs (1..=[`MAX_CPUS`]). Validated only: the loaders build no MP or ACPI
-    /// tables, so a guest learns its CPUs from whatever tables the VMM adds.
+    /// tables, so a guest learns its CPUs from whatever tables the VMM adds ([`build_acpi`]).
     pub ncpus: u32,
     /// Guest-physical address of the ACPI RSDP, if the VMM built ACPI tables
     /// (Linux: `boot_params.acpi_rsdp_addr`; PVH: `rsdp_paddr`).
