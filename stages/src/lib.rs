@@ -22,7 +22,9 @@ pub mod misc;
 #[cfg(feature = "std")]
 pub mod models;
 #[cfg(feature = "std")]
+pub mod pc;
+#[cfg(feature = "std")]
 pub mod slow;
 
 pub use bus::{Bus, BusError, DeviceId, Route, Space, Stage};
-pub use platform::{BusDevice, VmRequest, VmRequests};
+pub use platform::{BusDevice, EoiSink, VmRequest, VmRequests};

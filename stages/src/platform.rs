@@ -15,6 +15,13 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// Receives end-of-interrupt notifications for level-triggered vectors routed through our I/O APIC
+/// (`KVM_EXIT_IOAPIC_EOI`), on the vCPU thread that took the EOI.
+pub trait EoiSink: Send + Sync {
+    /// The guest's local APIC signalled EOI for `vector`.
+    fn eoi(&self, vector: u8);
+}
+
 /// What a device can ask of the VM as a whole. Exit statuses follow bhyve(8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmRequest {

@@ -6,7 +6,7 @@
 //! rather than hang.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,30 @@ impl RunState {
     }
 }
 
+/// An operation that must run on the vCPU's own thread (KVM vCPU ioctls belong to it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuOp {
+    /// Read the general registers.
+    GetRegs,
+    /// Write the general registers.
+    SetRegs(crate::backend::Regs),
+    /// Read the special registers.
+    GetSregs,
+}
+
+/// The answer to a [`VcpuOp`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuOpResult {
+    /// General registers.
+    Regs(crate::backend::Regs),
+    /// Special registers.
+    Sregs(crate::backend::SpecialRegs),
+    /// Done, nothing to return.
+    Done,
+    /// The backend refused.
+    Failed(String),
+}
+
 /// Failure of a control round trip.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ControlError {
@@ -106,6 +130,12 @@ pub enum ControlError {
         /// How long we waited.
         waited: Duration,
     },
+    /// The vCPU thread has exited: nothing can run on it.
+    #[error("vCPU {0} is not running")]
+    NotRunning(u32),
+    /// Another operation on this vCPU is in flight.
+    #[error("vCPU {0} is busy with another control operation")]
+    Busy(u32),
 }
 
 /// Shared between one vCPU thread and its controllers.
@@ -117,6 +147,18 @@ pub struct VcpuControl {
     acked: Mutex<RunState>,
     changed: Condvar,
     thread: Mutex<Option<libc::pthread_t>>,
+    /// Set while `op` holds an operation for the vCPU thread (checked once per loop iteration).
+    op_pending: AtomicBool,
+    op: Mutex<OpSlot>,
+    op_done: Condvar,
+}
+
+/// The mailbox of one vCPU: at most one operation in flight.
+#[derive(Debug, Default)]
+struct OpSlot {
+    request: Option<VcpuOp>,
+    result: Option<VcpuOpResult>,
+    busy: bool,
 }
 
 impl VcpuControl {
@@ -128,6 +170,77 @@ impl VcpuControl {
             acked: Mutex::new(RunState::Running),
             changed: Condvar::new(),
             thread: Mutex::new(None),
+            op_pending: AtomicBool::new(false),
+            op: Mutex::new(OpSlot::default()),
+            op_done: Condvar::new(),
+        }
+    }
+
+    /// Whether an operation waits for the vCPU thread (one load per loop iteration).
+    #[inline]
+    pub fn op_pending(&self) -> bool {
+        self.op_pending.load(Ordering::Acquire)
+    }
+
+    /// On the vCPU thread: takes the pending operation, if any.
+    pub fn take_op(&self) -> Option<VcpuOp> {
+        let op = crate::handler::lock(&self.op).request.take();
+        self.op_pending.store(false, Ordering::Release);
+        op
+    }
+
+    /// On the vCPU thread: publishes the result of the operation it took.
+    pub fn complete_op(&self, r: VcpuOpResult) {
+        crate::handler::lock(&self.op).result = Some(r);
+        self.op_done.notify_all();
+    }
+
+    /// Runs `op` on the vCPU thread: kicks it out of the guest, waits (bounded) for the answer.
+    pub fn call(&self, op: VcpuOp, timeout: Duration) -> Result<VcpuOpResult, ControlError> {
+        let mut slot = crate::handler::lock(&self.op);
+        if slot.busy {
+            return Err(ControlError::Busy(self.id));
+        }
+        if crate::handler::lock(&self.thread).is_none() {
+            return Err(ControlError::NotRunning(self.id));
+        }
+        slot.busy = true;
+        slot.request = Some(op);
+        slot.result = None;
+        self.op_pending.store(true, Ordering::Release);
+        // A parked (paused) vCPU waits on `changed`: wake it too.
+        self.changed.notify_all();
+        self.kick();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = slot.result.take() {
+                slot.busy = false;
+                return Ok(r);
+            }
+            let now = Instant::now();
+            if now >= deadline || crate::handler::lock(&self.thread).is_none() {
+                slot.busy = false;
+                slot.request = None;
+                self.op_pending.store(false, Ordering::Release);
+                return Err(if now >= deadline {
+                    ControlError::SuspectedDeadlock {
+                        vcpu: self.id,
+                        wanted: RunState::Running,
+                        waited: timeout,
+                    }
+                } else {
+                    ControlError::NotRunning(self.id)
+                });
+            }
+            let slice = (deadline - now).min(Duration::from_millis(20));
+            slot = self
+                .op_done
+                .wait_timeout(slot, slice)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+            if slot.result.is_none() {
+                self.kick();
+            }
         }
     }
 
@@ -165,7 +278,7 @@ impl VcpuControl {
         self.changed.notify_all();
         loop {
             let w = self.wanted();
-            if w != RunState::Paused {
+            if w != RunState::Paused || self.op_pending() {
                 *acked = w;
                 self.changed.notify_all();
                 return w;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pipeline::{CompletionRecord, ExitKind, ExitRecord};
 use stages::bus::fill_unclaimed;
 use stages::platform::{le_value, put_le_value};
-use stages::{Bus, BusDevice, DeviceId, Space, Stage, VmRequest, VmRequests};
+use stages::{Bus, BusDevice, DeviceId, EoiSink, Space, Stage, VmRequest, VmRequests};
 
 use crate::backend::VmExit;
 use crate::ratelimit::RateLimit;
@@ -57,6 +57,8 @@ pub struct Platform {
     pub names: Vec<String>,
     /// VM-wide requests (stop, reset, ...).
     pub requests: Arc<VmRequests>,
+    /// Where I/O APIC EOIs go (the in-module interrupt controller), if there is one.
+    pub eoi: Option<Arc<dyn EoiSink>>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -163,8 +165,11 @@ impl<S: SlowPath> ExitHandler<S> {
                 self.stats.inc(Stat::VmExitShutdown);
                 Action::Stop(VmRequest::TripleFault)
             }
-            VmExit::IoapicEoi { .. } => {
+            VmExit::IoapicEoi { vector } => {
                 self.stats.inc(Stat::VmExitIoapicEoi);
+                if let Some(sink) = &self.platform.eoi {
+                    sink.eoi(vector);
+                }
                 Action::Continue
             }
             VmExit::Interrupted => {

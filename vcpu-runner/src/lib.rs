@@ -20,5 +20,6 @@ pub use backend::{
     BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, Regs, Segment, SpecialRegs,
     Vcpu, VirtKind, Vm, VmExit,
 };
+pub use control::{ControlError, VcpuOp, VcpuOpResult};
 pub use kvm::KvmHypervisor;
-pub use machine::{Devices, Machine, MachineError, RunConfig, RunExit, RunOutcome};
+pub use machine::{Devices, Machine, MachineError, RunConfig, RunExit, RunOutcome, RunningVm};

@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use pipeline::{CompletionRecord, Consumer, ExitRecord, Producer, RingError};
 use stages::slow::{SlowDevice, SlowSide, SlowStats};
-use stages::{Bus, BusDevice, BusError, DeviceId, Space, Stage, VmRequest, VmRequests};
+use stages::{Bus, BusDevice, BusError, DeviceId, EoiSink, Space, Stage, VmRequest, VmRequests};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::backend::{BackendError, EntryRegs, Hypervisor, Vcpu, Vm};
-use crate::control::{install_kick_handler, RunState, VcpuControl};
+use crate::control::{
+    install_kick_handler, ControlError, RunState, VcpuControl, VcpuOp, VcpuOpResult,
+};
 use crate::handler::{ExitHandler, FastDevice, Platform, SlowPath, SlowPathError};
 use crate::runner::{pin_to_cpu, run_vcpu, VcpuOutcome};
 use crate::stats::VcpuStats;
@@ -64,6 +66,7 @@ pub struct Devices {
     fast: Vec<Option<FastDevice>>,
     slow: Vec<Option<SlowDevice>>,
     names: Vec<String>,
+    eoi: Option<Arc<dyn EoiSink>>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -122,6 +125,11 @@ impl Devices {
                 name: name.to_string(),
                 source,
             })
+    }
+
+    /// Routes I/O APIC EOI exits to `sink` (the in-module interrupt controller).
+    pub fn set_eoi_sink(&mut self, sink: Arc<dyn EoiSink>) {
+        self.eoi = Some(sink);
     }
 
     /// Device names by id.
@@ -339,12 +347,37 @@ where
         cfg: &RunConfig,
         stop: Arc<AtomicBool>,
     ) -> Result<RunOutcome, MachineError> {
+        let vm = self.start(entry, devices, requests, cfg)?;
+        let flag = vm.stop_flag();
+        let watcher = std::thread::spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                if stop.load(Ordering::Acquire) {
+                    flag.store(true, Ordering::Release);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let outcome = vm.wait();
+        vm.stop_flag().store(true, Ordering::Release);
+        let _ = watcher.join();
+        outcome.ok_or_else(|| MachineError::Rings("run outcome already taken".into()))
+    }
+
+    /// Starts every vCPU and device-model thread and returns a handle to the running VM.
+    pub fn start(
+        self,
+        entry: EntryRegs,
+        devices: Devices,
+        requests: Arc<VmRequests>,
+        cfg: &RunConfig,
+    ) -> Result<RunningVm<H>, MachineError> {
         install_kick_handler();
         let platform = Arc::new(Platform {
             bus: devices.bus,
             fast: devices.fast,
             names: devices.names,
             requests: requests.clone(),
+            eoi: devices.eoi,
         });
         let host = host_cpus();
         let n = usize::try_from(self.ncpus).unwrap_or(1);
@@ -357,7 +390,11 @@ where
         let mut slow_threads = Vec::with_capacity(n);
         let mut vcpu_stats = Vec::with_capacity(n);
         let mut slow_stats = Vec::with_capacity(n);
-        let start = Instant::now();
+        let segments = self
+            .memory
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
         for i in 0..self.ncpus {
             let idx = usize::try_from(i).unwrap_or(0);
             let (ep, mut ec) = pipeline::try_channel::<ExitRecord>(cfg.ring_capacity)
@@ -424,19 +461,156 @@ where
             );
         }
         drop(done_tx);
+        Ok(RunningVm {
+            vm: self.vm,
+            memory: Mutex::new(Some(self.memory)),
+            segments,
+            requests,
+            controls,
+            vcpu_stats,
+            slow_stats,
+            stop: Arc::new(AtomicBool::new(false)),
+            stopping,
+            slow_stop,
+            control_timeout: cfg.control_timeout,
+            started: Instant::now(),
+            inner: Mutex::new(Some(Threads {
+                done_rx,
+                vcpu_threads,
+                slow_threads,
+            })),
+        })
+    }
+}
 
+/// The threads of a running VM, owned by whoever calls [`RunningVm::wait`].
+struct Threads {
+    done_rx: mpsc::Receiver<(u32, VcpuOutcome)>,
+    vcpu_threads: Vec<std::thread::JoinHandle<()>>,
+    slow_threads: Vec<std::thread::JoinHandle<Result<(), RingError>>>,
+}
+
+/// A running VM: what control requests (bhyvectl, signals) act on. Shareable (`Arc`); one thread
+/// calls [`RunningVm::wait`].
+pub struct RunningVm<H: Hypervisor> {
+    vm: Arc<H::Vm>,
+    memory: Mutex<Option<GuestMemoryMmap<()>>>,
+    segments: Vec<(u64, u64)>,
+    requests: Arc<VmRequests>,
+    controls: Vec<Arc<VcpuControl>>,
+    vcpu_stats: Vec<Arc<VcpuStats>>,
+    slow_stats: Vec<Arc<SlowStats>>,
+    stop: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
+    slow_stop: Arc<AtomicBool>,
+    control_timeout: Duration,
+    started: Instant,
+    inner: Mutex<Option<Threads>>,
+}
+
+impl<H: Hypervisor> std::fmt::Debug for RunningVm<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("ncpus", &self.controls.len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<H: Hypervisor> RunningVm<H> {
+    /// Number of vCPUs.
+    pub fn ncpus(&self) -> u32 {
+        u32::try_from(self.controls.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Live per-vCPU counters.
+    pub fn vcpu_stats(&self) -> &[Arc<VcpuStats>] {
+        &self.vcpu_stats
+    }
+
+    /// Live per device-model thread counters.
+    pub fn slow_stats(&self) -> &[Arc<SlowStats>] {
+        &self.slow_stats
+    }
+
+    /// Guest memory segments: (guest-physical address, length).
+    pub fn memory_segments(&self) -> &[(u64, u64)] {
+        &self.segments
+    }
+
+    /// The flag that stops the VM from the host when set (signal handlers set it).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Asks the VM to stop as if the guest had made `req` (bhyvectl --suspend, --force-reset).
+    pub fn request(&self, req: VmRequest) {
+        self.requests.request(req);
+        for c in &self.controls {
+            c.kick();
+        }
+    }
+
+    /// Pauses every vCPU (bounded).
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.controls
+            .iter()
+            .try_for_each(|c| c.request(RunState::Paused, self.control_timeout))
+    }
+
+    /// Resumes every vCPU (bounded).
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.controls
+            .iter()
+            .try_for_each(|c| c.request(RunState::Running, self.control_timeout))
+    }
+
+    fn vcpu(&self, vcpu: u32) -> Result<&Arc<VcpuControl>, ControlError> {
+        self.controls
+            .get(usize::try_from(vcpu).unwrap_or(usize::MAX))
+            .ok_or(ControlError::NotRunning(vcpu))
+    }
+
+    /// Runs a register operation on vCPU `vcpu`'s thread.
+    pub fn vcpu_op(&self, vcpu: u32, op: VcpuOp) -> Result<VcpuOpResult, ControlError> {
+        self.vcpu(vcpu)?.call(op, self.control_timeout)
+    }
+
+    /// Injects an MSI into the guest.
+    pub fn signal_msi(&self, addr: u64, data: u32) -> Result<(), BackendError> {
+        self.vm.signal_msi(addr, data)
+    }
+
+    /// The VM (for device models that inject interrupts).
+    pub fn vm(&self) -> &Arc<H::Vm> {
+        &self.vm
+    }
+
+    /// Waits for the VM to stop, stops everything within bounds, and returns how it ended. Returns
+    /// `None` if another thread already waited.
+    pub fn wait(&self) -> Option<RunOutcome> {
+        let threads = lock(&self.inner).take()?;
+        let Threads {
+            done_rx,
+            vcpu_threads,
+            slow_threads,
+        } = threads;
+        let n = self.controls.len();
         // Wait for the first vCPU to stop, or for a stop from outside.
         let first = loop {
             match done_rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(o) => break Some(o),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if stop.load(Ordering::Acquire) {
+                    if self.stop.load(Ordering::Acquire) {
                         break None;
                     }
                     // A device on the slow side may have asked (a vCPU notices on its next exit;
                     // kick so a vCPU halted in the kernel notices too).
-                    if requests.pending().is_some() {
-                        for c in &controls {
+                    if self.requests.pending().is_some() {
+                        for c in &self.controls {
                             c.kick();
                         }
                     }
@@ -444,26 +618,26 @@ where
                 Err(mpsc::RecvTimeoutError::Disconnected) => break None,
             }
         };
-        let elapsed = start.elapsed();
+        let elapsed = self.started.elapsed();
         let mut exit = match &first {
             Some((_, VcpuOutcome::Request(r))) => RunExit::Request(*r),
             Some((_, VcpuOutcome::Error(m))) => RunExit::Error(m.clone()),
-            Some((_, VcpuOutcome::Stopped)) | None => match requests.pending() {
+            Some((_, VcpuOutcome::Stopped)) | None => match self.requests.pending() {
                 Some(r) => RunExit::Request(r),
                 None => RunExit::Stopped,
             },
         };
 
         // Stop every vCPU (bounded), then the device-model threads.
-        stopping.store(true, Ordering::Release);
+        self.stopping.store(true, Ordering::Release);
         let mut problems = Vec::new();
-        for c in &controls {
-            if let Err(e) = c.request(RunState::Stopping, cfg.control_timeout) {
+        for c in &self.controls {
+            if let Err(e) = c.request(RunState::Stopping, self.control_timeout) {
                 problems.push(e.to_string());
             }
         }
         let mut remaining = n - usize::from(first.is_some());
-        let deadline = Instant::now() + cfg.control_timeout;
+        let deadline = Instant::now() + self.control_timeout;
         while remaining > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             match done_rx.recv_timeout(left) {
@@ -475,7 +649,7 @@ where
                 Err(_) => {
                     problems.push(format!(
                         "{remaining} vCPU thread(s) did not stop within {:?}: suspected deadlock",
-                        cfg.control_timeout
+                        self.control_timeout
                     ));
                     break;
                 }
@@ -485,11 +659,11 @@ where
             for t in vcpu_threads {
                 let _ = t.join();
             }
-        } else {
+        } else if let Some(m) = lock(&self.memory).take() {
             // A vCPU thread is stuck and may still use guest memory: never unmap it under it.
-            std::mem::forget(self.memory);
+            std::mem::forget(m);
         }
-        slow_stop.store(true, Ordering::Release);
+        self.slow_stop.store(true, Ordering::Release);
         for t in slow_threads {
             match t.join() {
                 Ok(Ok(())) => {}
@@ -501,10 +675,10 @@ where
                 Err(_) => problems.push("a device-model thread panicked".to_string()),
             }
         }
-        Ok(RunOutcome {
+        Some(RunOutcome {
             exit,
-            vcpu_stats,
-            slow_stats,
+            vcpu_stats: self.vcpu_stats.clone(),
+            slow_stats: self.slow_stats.clone(),
             elapsed,
             stop_problems: problems,
         })

@@ -10,7 +10,7 @@
 //! ```
 
 use crate::backend::{Vcpu, VmExit};
-use crate::control::{register_vcpu_thread, RunState, VcpuControl};
+use crate::control::{register_vcpu_thread, RunState, VcpuControl, VcpuOp, VcpuOpResult};
 use crate::handler::{Action, ExitHandler, SlowPath};
 use stages::VmRequest;
 
@@ -42,6 +42,16 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs a control operation on the vCPU's own thread.
+fn run_op<V: Vcpu>(vcpu: &mut V, op: VcpuOp) -> VcpuOpResult {
+    let r = match op {
+        VcpuOp::GetRegs => vcpu.regs().map(VcpuOpResult::Regs),
+        VcpuOp::SetRegs(r) => vcpu.set_regs(&r).map(|()| VcpuOpResult::Done),
+        VcpuOp::GetSregs => vcpu.sregs().map(VcpuOpResult::Sregs),
+    };
+    r.unwrap_or_else(|e| VcpuOpResult::Failed(e.to_string()))
+}
+
 /// Runs `vcpu` until it stops. Call on the vCPU's own (pinned) thread.
 pub fn run_vcpu<V: Vcpu, S: SlowPath>(
     vcpu: &mut V,
@@ -53,6 +63,11 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
     control.set_thread(unsafe { libc::pthread_self() });
     control.ack(RunState::Running);
     let outcome = loop {
+        if control.op_pending() {
+            if let Some(op) = control.take_op() {
+                control.complete_op(run_op(vcpu, op));
+            }
+        }
         match control.wanted() {
             RunState::Running => {}
             RunState::Paused => {

@@ -1,0 +1,58 @@
+//! Exit round trip per class, ours against a raw `KVM_RUN` loop, interleaved in the same run.
+//!
+//! `cargo bench -p perf --bench exits` (env: `EXITS_N`, default 100000 exits per run; `EXITS_REPS`,
+//! default 5). Prints a markdown table; bar: fast ≤ 1.05× raw, posted ≤ 1.05× raw, waited ≤ raw + 1 µs.
+
+use perf::exits::{run_ours, run_raw, Class};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("exits: bench");
+        return;
+    }
+    let n = env("EXITS_N", 100_000);
+    let reps = env("EXITS_REPS", 5) as usize;
+    println!("exit round trip, n={n} exits per run, median of {reps} paired runs (ns per exit)\n");
+    println!("| class | raw KVM_RUN loop | ours | ours / raw | ours − raw | bar |");
+    println!("|---|---|---|---|---|---|");
+    for class in Class::ALL {
+        let (mut raw, mut ours) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            // Interleave so drift (thermal, other load) hits both alike.
+            let exits = class.exits(n) as f64;
+            let r0 = run_raw(class.guest(), 0).as_nanos() as f64;
+            let rn = run_raw(class.guest(), n).as_nanos() as f64;
+            let o0 = run_ours(class.guest(), 0).as_nanos() as f64;
+            let on = run_ours(class.guest(), n).as_nanos() as f64;
+            raw.push((rn - r0) / exits);
+            ours.push((on - o0) / exits);
+        }
+        let (r, o) = (median(raw), median(ours));
+        let (bar, ok) = match class {
+            Class::Waited => ("≤ raw + 1000 ns", o - r <= 1000.0),
+            _ => ("≤ 1.05×", o / r <= 1.05),
+        };
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:+.0} | {} {} |",
+            class.name(),
+            r,
+            o,
+            o / r,
+            o - r,
+            bar,
+            if ok { "met" } else { "NOT met" }
+        );
+    }
+}

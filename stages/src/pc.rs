@@ -1,0 +1,1 @@
+//! The PC platform: the in-module devices wired together (being written).
