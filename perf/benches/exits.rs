@@ -3,7 +3,10 @@
 //! `cargo bench -p perf --bench exits` (env: `EXITS_N`, default 100000 exits per run; `EXITS_REPS`,
 //! default 5). Prints a markdown table; bar: fast ≤ 1.05× raw, posted ≤ 1.05× raw, waited ≤ raw + 1 µs.
 
-use perf::exits::{run_ours, run_raw, Class};
+#[path = "support/exits.rs"]
+mod exits;
+
+use exits::{run_ours, run_raw, Class};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)

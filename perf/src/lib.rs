@@ -1,5 +1,2 @@
-//! Counters, histograms, traces and the benchmarks' shared code.
-//!
-//! - [`exits`]: exit round trips under our machine and under a raw `KVM_RUN` loop.
-
-pub mod exits;
+//! Counters, histograms, traces and exporters: how the monitor explains itself. The benchmarks live in
+//! `benches/` (ring throughput and latency, exit round trips, start-up and memory).

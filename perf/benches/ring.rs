@@ -1,0 +1,397 @@
+//! Our SPSC ring against `crossbeam_queue::ArrayQueue`, `rtrb` and `heapless::spsc`, in one run.
+//!
+//! ```sh
+//! cargo bench -p perf --bench ring
+//! ```
+//!
+//! Every case moves 48-byte [`ExitRecord`]s between two threads pinned to different cores
+//! (producer/ping side on CPU 0, consumer/pong side on CPU 1, `sched_setaffinity`), through a
+//! queue of 1024 slots (heapless: 1023, its `N - 1`):
+//!
+//! - `throughput_single`: one push / one pop per record; criterion reports records/s.
+//! - `throughput_batch32`: records move in batches of 32, each queue through its best batch
+//!   API: ours `push_batch`/`pop_batch` (one index store per batch), rtrb
+//!   `write_chunk_uninit`/`read_chunk`; crossbeam and heapless have none, so they loop.
+//! - `round_trip`: ping-pong latency: A pushes on ring 1, B pops it and pushes it back on
+//!   ring 2, A pops it; criterion reports the time of one round trip.
+//!
+//! Each side spins on a full or empty queue (no pause, no yield), the same loop for every
+//! queue. The consumer checks every record's `seq`, so nothing can be optimised away and a
+//! broken queue fails the run. Every sample is a fresh queue and a fresh pair of threads;
+//! only the transfer is timed (from a barrier release to the consumer's last record).
+//! Results and ratios: `docs/perf-ring.md`.
+
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use pipeline::ExitRecord;
+
+const CAPACITY: usize = 1024;
+const BATCH: usize = 32;
+const PING_CPU: usize = 0;
+const PONG_CPU: usize = 1;
+
+/// Pin the calling thread to one CPU.
+fn pin(cpu: usize) {
+    // SAFETY: `cpu_set_t` is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (we only use 0 and 1).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the given size.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity({cpu}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn record(seq: u64) -> ExitRecord {
+    ExitRecord {
+        seq,
+        addr: 0x3f8,
+        offset: 0,
+        data: seq,
+        vcpu: 0,
+        device: 1,
+        kind: 2,
+        size: 1,
+        flags: 1,
+        reserved: 0,
+    }
+}
+
+/// The sending half of a queue under test.
+trait Tx: Send {
+    fn push(&mut self, r: ExitRecord) -> Result<(), ExitRecord>;
+
+    /// Push a prefix of `rs`; how many were taken.
+    fn push_batch(&mut self, rs: &[ExitRecord]) -> usize {
+        let mut n = 0;
+        for r in rs {
+            if self.push(*r).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+}
+
+/// The receiving half of a queue under test.
+trait Rx: Send {
+    fn pop(&mut self) -> Option<ExitRecord>;
+
+    /// Pop up to `out.len()` records into `out`; how many.
+    fn pop_batch(&mut self, out: &mut [ExitRecord]) -> usize {
+        let mut n = 0;
+        for slot in out {
+            match self.pop() {
+                Some(r) => *slot = r,
+                None => break,
+            }
+            n += 1;
+        }
+        n
+    }
+}
+
+// --- ours ---------------------------------------------------------------------------------
+
+impl Tx for pipeline::Producer<ExitRecord> {
+    #[inline]
+    fn push(&mut self, r: ExitRecord) -> Result<(), ExitRecord> {
+        self.try_push(r)
+    }
+
+    #[inline]
+    fn push_batch(&mut self, rs: &[ExitRecord]) -> usize {
+        pipeline::Producer::push_batch(self, rs)
+    }
+}
+
+impl Rx for pipeline::Consumer<ExitRecord> {
+    #[inline]
+    fn pop(&mut self) -> Option<ExitRecord> {
+        self.try_pop().expect("ring error")
+    }
+
+    #[inline]
+    fn pop_batch(&mut self, out: &mut [ExitRecord]) -> usize {
+        pipeline::Consumer::pop_batch(self, out).expect("ring error")
+    }
+}
+
+// --- rtrb -------------------------------------------------------------------------------
+
+impl Tx for rtrb::Producer<ExitRecord> {
+    #[inline]
+    fn push(&mut self, r: ExitRecord) -> Result<(), ExitRecord> {
+        rtrb::Producer::push(self, r).map_err(|rtrb::PushError::Full(r)| r)
+    }
+
+    #[inline]
+    fn push_batch(&mut self, rs: &[ExitRecord]) -> usize {
+        let n = rs.len().min(self.slots());
+        match self.write_chunk_uninit(n) {
+            Ok(chunk) => chunk.fill_from_iter(rs.iter().copied()),
+            Err(_) => 0,
+        }
+    }
+}
+
+impl Rx for rtrb::Consumer<ExitRecord> {
+    #[inline]
+    fn pop(&mut self) -> Option<ExitRecord> {
+        rtrb::Consumer::pop(self).ok()
+    }
+
+    #[inline]
+    fn pop_batch(&mut self, out: &mut [ExitRecord]) -> usize {
+        let n = out.len().min(self.slots());
+        let Ok(chunk) = self.read_chunk(n) else {
+            return 0;
+        };
+        let (a, b) = chunk.as_slices();
+        out[..a.len()].copy_from_slice(a);
+        out[a.len()..n].copy_from_slice(b);
+        chunk.commit_all();
+        n
+    }
+}
+
+// --- crossbeam ----------------------------------------------------------------------------
+
+/// `ArrayQueue` is multi-producer multi-consumer and shared by reference.
+struct Shared<'q>(&'q crossbeam_queue::ArrayQueue<ExitRecord>);
+
+impl Tx for Shared<'_> {
+    #[inline]
+    fn push(&mut self, r: ExitRecord) -> Result<(), ExitRecord> {
+        self.0.push(r)
+    }
+}
+
+impl Rx for Shared<'_> {
+    #[inline]
+    fn pop(&mut self) -> Option<ExitRecord> {
+        self.0.pop()
+    }
+}
+
+// --- heapless -----------------------------------------------------------------------------
+
+type HeaplessQueue = heapless::spsc::Queue<ExitRecord, CAPACITY>;
+
+impl Tx for heapless::spsc::Producer<'_, ExitRecord> {
+    #[inline]
+    fn push(&mut self, r: ExitRecord) -> Result<(), ExitRecord> {
+        self.enqueue(r)
+    }
+}
+
+impl Rx for heapless::spsc::Consumer<'_, ExitRecord> {
+    #[inline]
+    fn pop(&mut self) -> Option<ExitRecord> {
+        self.dequeue()
+    }
+}
+
+// --- the measurements ---------------------------------------------------------------------
+
+/// Move `n` records from `tx` (this thread, CPU 0) to `rx` (a thread on CPU 1); the time from
+/// the start signal to the last record received.
+fn transfer(mut tx: impl Tx, mut rx: impl Rx, n: u64, batched: bool) -> Duration {
+    let start = Barrier::new(2);
+    std::thread::scope(|s| {
+        let consumer = s.spawn(|| {
+            pin(PONG_CPU);
+            start.wait();
+            let mut next = 0u64;
+            let mut buf = [ExitRecord::default(); BATCH];
+            while next < n {
+                if batched {
+                    let got = rx.pop_batch(&mut buf);
+                    for r in &buf[..got] {
+                        assert_eq!(r.seq, next);
+                        next += 1;
+                    }
+                } else if let Some(r) = rx.pop() {
+                    assert_eq!(r.seq, next);
+                    next += 1;
+                }
+            }
+            black_box(&buf);
+        });
+        pin(PING_CPU);
+        start.wait();
+        let t0 = Instant::now();
+        let mut seq = 0u64;
+        if batched {
+            let mut buf = [ExitRecord::default(); BATCH];
+            while seq < n {
+                let len = usize::try_from((n - seq).min(BATCH as u64)).unwrap();
+                for (i, r) in buf[..len].iter_mut().enumerate() {
+                    *r = record(seq + i as u64);
+                }
+                let mut sent = 0;
+                while sent < len {
+                    sent += tx.push_batch(&buf[sent..len]);
+                }
+                seq += len as u64;
+            }
+        } else {
+            while seq < n {
+                let mut r = record(seq);
+                while let Err(back) = tx.push(r) {
+                    r = back;
+                }
+                seq += 1;
+            }
+        }
+        consumer.join().unwrap();
+        t0.elapsed()
+    })
+}
+
+/// `n` round trips: this thread (CPU 0) sends on `ping`, the other (CPU 1) echoes each record
+/// back on `pong`; the total time.
+fn round_trips(
+    mut ping_tx: impl Tx,
+    mut ping_rx: impl Rx,
+    mut pong_tx: impl Tx,
+    mut pong_rx: impl Rx,
+    n: u64,
+) -> Duration {
+    let start = Barrier::new(2);
+    std::thread::scope(|s| {
+        let echo = s.spawn(|| {
+            pin(PONG_CPU);
+            start.wait();
+            for _ in 0..n {
+                let mut r = loop {
+                    if let Some(r) = ping_rx.pop() {
+                        break r;
+                    }
+                };
+                while let Err(back) = pong_tx.push(r) {
+                    r = back;
+                }
+            }
+        });
+        pin(PING_CPU);
+        start.wait();
+        let t0 = Instant::now();
+        for seq in 0..n {
+            let mut r = record(seq);
+            while let Err(back) = ping_tx.push(r) {
+                r = back;
+            }
+            let back = loop {
+                if let Some(r) = pong_rx.pop() {
+                    break r;
+                }
+            };
+            assert_eq!(back.seq, seq);
+        }
+        let elapsed = t0.elapsed();
+        echo.join().unwrap();
+        elapsed
+    })
+}
+
+fn cap_u32() -> u32 {
+    u32::try_from(CAPACITY).unwrap()
+}
+
+/// Run `f(n)` for each of the four queues, as one criterion group.
+fn throughput_group(c: &mut Criterion, name: &str, batched: bool) {
+    let mut g = c.benchmark_group(name);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("pipeline", |b| {
+        b.iter_custom(|n| {
+            let (tx, rx) = pipeline::channel::<ExitRecord>(cap_u32());
+            transfer(tx, rx, n, batched)
+        });
+    });
+    g.bench_function("rtrb", |b| {
+        b.iter_custom(|n| {
+            let (tx, rx) = rtrb::RingBuffer::<ExitRecord>::new(CAPACITY);
+            transfer(tx, rx, n, batched)
+        });
+    });
+    g.bench_function("crossbeam_ArrayQueue", |b| {
+        b.iter_custom(|n| {
+            let q = crossbeam_queue::ArrayQueue::new(CAPACITY);
+            transfer(Shared(&q), Shared(&q), n, batched)
+        });
+    });
+    g.bench_function("heapless_spsc", |b| {
+        b.iter_custom(|n| {
+            let mut q = Box::new(HeaplessQueue::new());
+            let (tx, rx) = q.split();
+            transfer(tx, rx, n, batched)
+        });
+    });
+    g.finish();
+}
+
+fn throughput_single(c: &mut Criterion) {
+    throughput_group(c, "throughput_single", false);
+}
+
+fn throughput_batch32(c: &mut Criterion) {
+    throughput_group(c, "throughput_batch32", true);
+}
+
+fn round_trip(c: &mut Criterion) {
+    let mut g = c.benchmark_group("round_trip");
+    g.bench_function("pipeline", |b| {
+        b.iter_custom(|n| {
+            let (a_tx, a_rx) = pipeline::channel::<ExitRecord>(cap_u32());
+            let (b_tx, b_rx) = pipeline::channel::<ExitRecord>(cap_u32());
+            round_trips(a_tx, a_rx, b_tx, b_rx, n)
+        });
+    });
+    g.bench_function("rtrb", |b| {
+        b.iter_custom(|n| {
+            let (a_tx, a_rx) = rtrb::RingBuffer::<ExitRecord>::new(CAPACITY);
+            let (b_tx, b_rx) = rtrb::RingBuffer::<ExitRecord>::new(CAPACITY);
+            round_trips(a_tx, a_rx, b_tx, b_rx, n)
+        });
+    });
+    g.bench_function("crossbeam_ArrayQueue", |b| {
+        b.iter_custom(|n| {
+            let qa = crossbeam_queue::ArrayQueue::new(CAPACITY);
+            let qb = crossbeam_queue::ArrayQueue::new(CAPACITY);
+            round_trips(Shared(&qa), Shared(&qa), Shared(&qb), Shared(&qb), n)
+        });
+    });
+    g.bench_function("heapless_spsc", |b| {
+        b.iter_custom(|n| {
+            let mut qa = Box::new(HeaplessQueue::new());
+            let mut qb = Box::new(HeaplessQueue::new());
+            let (a_tx, a_rx) = qa.split();
+            let (b_tx, b_rx) = qb.split();
+            round_trips(a_tx, a_rx, b_tx, b_rx, n)
+        });
+    });
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = throughput_single, throughput_batch32, round_trip
+}
+criterion_main!(benches);
