@@ -49,8 +49,10 @@
 //!   [`AcpiConfig::i8042`]** (default off, as bhyve). With the flag clear Linux marks the i8042
 //!   "firmware absent" (`x86_platform.legacy.i8042`) and its i8042 driver never touches ports
 //!   0x60/0x64; with it set, Linux probes the controller and, since ours only implements the reset
-//!   line, waits out a ~0.5 s command timeout ("Can't read CTR") at boot. Either way Linux's
-//!   keyboard-controller reboot fallback writes 0xFE to port 0x64 without looking at the flag.
+//!   line (its status register never reports output), can be expected to wait out the i8042
+//!   driver's command timeout (500 ms) and give up with "Can't read CTR" at every boot. Either way
+//!   Linux's keyboard-controller reboot fallback writes 0xFE to port 0x64 without looking at the
+//!   flag.
 //! * CENTURY = 0x32 (the RTC's century register), no day/month alarm.
 //!
 //! # DSDT
