@@ -404,9 +404,27 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     Ok(outcome.exit.exit_status())
 }
 
+/// A `kB` field of /proc/self/status.
+fn proc_status_kib(field: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "run time: {:?}", o.elapsed);
+    if let Some(g) = o.guest_resident {
+        let _ = writeln!(err, "guest memory resident: {} KiB", g / 1024);
+    }
+    if let Some(hwm) = proc_status_kib("VmHWM:") {
+        let _ = writeln!(err, "monitor peak resident set (VmHWM): {hwm} KiB");
+    }
     if let Some(ns) = boot_done_ns {
         let _ = writeln!(err, "boot done after: {:.3} ms", ns as f64 / 1e6);
     }

@@ -660,6 +660,7 @@ impl<T: Record> Ring<T> {
             poison: None,
             parks: 0,
             stale_completions: 0,
+            producer_seen: false,
             _region: self.region.clone(),
             _record: PhantomData,
         })
@@ -893,6 +894,16 @@ impl<T: Record> Drop for Producer<T> {
             .meta
             .claims
             .fetch_and(!CLAIM_PRODUCER, Ordering::AcqRel);
+        // A consumer parked (or about to park) on this ring learns at once that no more records
+        // will come: the same Dekker handshake as `publish`, with the claim bit in place of the
+        // tail (the consumer re-checks the claim after setting SLEEPING).
+        #[cfg(not(loom))]
+        {
+            fence(Ordering::SeqCst);
+            if self.header().wake.word.swap(AWAKE, Ordering::Relaxed) != AWAKE {
+                self.header().wake.wake();
+            }
+        }
     }
 }
 
@@ -909,6 +920,8 @@ pub struct Consumer<T: Record> {
     poison: Option<RingError>,
     parks: u64,
     stale_completions: u64,
+    /// Whether a producer has been seen attached (so a detached one means "gone", not "not yet").
+    producer_seen: bool,
     /// Keeps the memory mapped (for owned regions).
     _region: Region,
     _record: PhantomData<T>,
@@ -1083,6 +1096,20 @@ impl<T: Record> Consumer<T> {
 
 #[cfg(any(feature = "std", loom))]
 impl<T: Record> Consumer<T> {
+    /// Whether a producer holds the other end right now.
+    pub fn producer_attached(&self) -> bool {
+        self.header().meta.claims.load(Ordering::Acquire) & CLAIM_PRODUCER != 0
+    }
+
+    /// Whether the producer has gone: it was attached at some point this consumer looked, and is
+    /// not now (dropped; in the two-process layout, the producing process let go). A producer that
+    /// has not attached yet is not "gone".
+    pub fn producer_gone(&mut self) -> bool {
+        let attached = self.producer_attached();
+        self.producer_seen |= attached;
+        self.producer_seen && !attached
+    }
+
     /// Wait until at least one record is ready: spin for `spin`, then park on the futex (the
     /// consumer half of the wake-up protocol in the module docs) until woken, re-checking at
     /// least every [`crate::Waiter::PARK_SLICE`], for at most `timeout` in all.
@@ -1138,6 +1165,13 @@ impl<T: Record> Consumer<T> {
                 self.header().wake.set(AWAKE);
                 return ready.map(|_| WaitOutcome::Ready { parked });
             }
+            // A producer that let go after our fence swaps the flag back and wakes us; one that
+            // let go before it is seen here.
+            #[cfg(not(loom))]
+            if self.producer_gone() {
+                self.header().wake.set(AWAKE);
+                return Ok(WaitOutcome::TimedOut);
+            }
             self.header().wake.sleep(budget);
             self.parks += 1;
             parked = true;
@@ -1145,6 +1179,12 @@ impl<T: Record> Consumer<T> {
             if !matches!(ready, Ok(0)) {
                 self.header().wake.set(AWAKE);
                 return ready.map(|_| WaitOutcome::Ready { parked });
+            }
+            // The producer is gone and the ring is empty: nothing more will come.
+            #[cfg(not(loom))]
+            if self.producer_gone() {
+                self.header().wake.set(AWAKE);
+                return Ok(WaitOutcome::TimedOut);
             }
         }
     }

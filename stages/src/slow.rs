@@ -131,6 +131,8 @@ impl SlowSide {
         let mut batch = [ExitRecord::default(); 32];
         while !stop.load(Ordering::Acquire) {
             match exits.wait_for_records(spin, Duration::from_millis(50))? {
+                // The vCPU side let go of the ring (its vCPU stopped): drain and end.
+                WaitOutcome::TimedOut if exits.producer_gone() => break,
                 WaitOutcome::TimedOut => continue,
                 WaitOutcome::Ready { parked } => {
                     if parked {
@@ -140,9 +142,9 @@ impl SlowSide {
             }
             self.drain(exits, completions, stop, &mut batch)?;
         }
-        // The vCPUs have stopped (the machine sets `stop` only after joining them): whatever they
-        // posted before stopping still runs, so a guest's last UART bytes before a debug exit or a
-        // power-off are not lost.
+        // The vCPU has stopped (its producer is gone, or the machine set `stop` after joining the
+        // vCPUs): whatever it posted before stopping still runs, so a guest's last UART bytes
+        // before a debug exit or a power-off are not lost.
         self.drain(exits, completions, stop, &mut batch)
     }
 

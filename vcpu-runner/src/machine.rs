@@ -208,6 +208,31 @@ pub struct RunOutcome {
     pub elapsed: Duration,
     /// Problems met while stopping (suspected deadlocks), if any.
     pub stop_problems: Vec<String>,
+    /// Bytes of guest memory resident in the host at the stop (what the guest and the loader
+    /// touched), from mincore(2); `None` if it could not be measured.
+    pub guest_resident: Option<u64>,
+}
+
+/// Bytes of `mem` resident in host memory (mincore over every region).
+pub fn resident_bytes(mem: &GuestMemoryMmap<()>) -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let mut total = 0u64;
+    for r in mem.iter() {
+        let host = mem.get_host_address(r.start_addr()).ok()?;
+        let len = usize::try_from(r.len()).ok()?;
+        let pages = len.div_ceil(usize::try_from(page).ok()?);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `host..host+len` is one mapping owned by `mem` (page-aligned by mmap); `vec` has
+        // one byte per page of it.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return None;
+        }
+        let resident = vec.iter().filter(|&&b| b & 1 != 0).count();
+        total += u64::try_from(resident).ok()? * page;
+    }
+    Some(total)
 }
 
 /// The vCPU end of one ring pair.
@@ -354,11 +379,12 @@ where
                 if stop.load(Ordering::Acquire) {
                     flag.store(true, Ordering::Release);
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::park_timeout(Duration::from_millis(10));
             }
         });
         let outcome = vm.wait();
         vm.stop_flag().store(true, Ordering::Release);
+        watcher.thread().unpark();
         let _ = watcher.join();
         outcome.ok_or_else(|| MachineError::Rings("run outcome already taken".into()))
     }
@@ -663,6 +689,7 @@ impl<H: Hypervisor> RunningVm<H> {
             // A vCPU thread is stuck and may still use guest memory: never unmap it under it.
             std::mem::forget(m);
         }
+        let guest_resident = lock(&self.memory).as_ref().and_then(resident_bytes);
         self.slow_stop.store(true, Ordering::Release);
         for t in slow_threads {
             match t.join() {
@@ -681,6 +708,7 @@ impl<H: Hypervisor> RunningVm<H> {
             slow_stats: self.slow_stats.clone(),
             elapsed,
             stop_problems: problems,
+            guest_resident,
         })
     }
 }
