@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use stages::acpipm::{Pm1, ResetControl, PM1_LEN, PM1_PORT, RESET_CONTROL_LEN, RESET_CONTROL_PORT};
 use stages::misc::{
     BootDone, DebugExit, Scratch, ScratchMem, BOOT_DONE_PORT, DEBUG_EXIT_PORT, I8042, I8042_BASE,
     I8042_LEN, SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN, SCRATCH_PORT_LEN,
@@ -299,6 +300,17 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         other => other.into(),
     })?;
     let mem = machine.memory();
+    // ACPI tables describe the platform (MADT for every vCPU, FADT with PM1/reset, HPET, MCFG,
+    // DSDT with the COM ports): as bhyve(8) always does now, they are always built.
+    let mut acpi = loader::AcpiConfig::new(cfg.cpus);
+    acpi.com1 = cfg.com1.is_some();
+    acpi.com2 = cfg.com2.is_some();
+    acpi.mcfg = false; // no ECAM decoder yet: config space is reached through 0xCF8/0xCFC
+    let rsdp = loader::build_acpi(mem, &acpi).map_err(|source| VmError::Load {
+        path: cfg.kernel.display().to_string(),
+        source,
+    })?;
+    boot.rsdp_addr = Some(rsdp);
     let loaded = match cfg.protocol {
         BootProtocol::Auto => loader::load_kernel(mem, &kernel, &boot),
         BootProtocol::Linux => loader::load_linux(mem, &kernel, &boot),
@@ -336,6 +348,22 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         I8042_LEN,
         Stage::Fast,
         Arc::new(Mutex::new(I8042::new(requests.clone()))),
+    )?;
+    devices.add(
+        "acpi-pm1",
+        Space::Pio,
+        PM1_PORT,
+        PM1_LEN,
+        Stage::Fast,
+        Arc::new(Mutex::new(Pm1::new(requests.clone()))),
+    )?;
+    devices.add(
+        "reset-control",
+        Space::Pio,
+        RESET_CONTROL_PORT,
+        RESET_CONTROL_LEN,
+        Stage::Fast,
+        Arc::new(Mutex::new(ResetControl::new(requests.clone()))),
     )?;
     if let Some(b) = &cfg.com1 {
         add_uart(&mut devices, "com1", COM1_BASE, b)?;
