@@ -31,40 +31,47 @@ fn main() {
     entries.sort();
     for src in entries {
         println!("cargo:rerun-if-changed={}", src.display());
-        let name = src.file_stem().unwrap().to_string_lossy().to_string();
+        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+        // `NAME.bz.S` is a bzImage-shaped test kernel (flat binary, 64-bit code); every other
+        // `NAME.S` a Multiboot/PVH ELF32 image linked by guest.ld.
+        let (name, bz) = match stem.strip_suffix(".bz") {
+            Some(n) => (n.to_string(), true),
+            None => (stem, false),
+        };
         let obj = out.join(format!("{name}.o"));
-        let elf = out.join(format!("{name}.elf"));
+        let img = out.join(format!("{name}.img"));
+        let mut cc = Command::new("gcc");
+        cc.args(["-c", "-x", "assembler-with-cpp", "-I"]).arg(asm);
+        if !bz {
+            cc.arg("-m32");
+        }
         run(
-            Command::new("gcc")
-                .args(["-c", "-m32", "-x", "assembler-with-cpp", "-I"])
-                .arg(asm)
-                .arg(&src)
-                .arg("-o")
-                .arg(&obj),
+            cc.arg(&src).arg("-o").arg(&obj),
             &format!("assembling {name}"),
         );
-        run(
-            Command::new("ld")
-                .args([
-                    "-m",
-                    "elf_i386",
-                    "-n",
-                    "--build-id=none",
-                    "--no-warn-rwx-segments",
-                    "-T",
-                ])
-                .arg(asm.join("guest.ld"))
-                .arg("-o")
-                .arg(&elf)
-                .arg(&obj),
-            &format!("linking {name}"),
-        );
+        let mut ld = Command::new("ld");
+        if bz {
+            ld.args(["--oformat", "binary", "-Ttext=0", "-e", "0"]);
+        } else {
+            ld.args([
+                "-m",
+                "elf_i386",
+                "-n",
+                "--build-id=none",
+                "--no-warn-rwx-segments",
+                "-T",
+            ])
+            .arg(asm.join("guest.ld"));
+        }
+        run(ld.arg("-o").arg(&img).arg(&obj), &format!("linking {name}"));
         names.push(name);
     }
-    let mut table = String::from("/// Every test guest: (name, Multiboot ELF32 image).\npub static GUESTS: &[(&str, &[u8])] = &[\n");
+    let mut table = String::from(
+        "/// Every test guest: (name, image: Multiboot/PVH ELF32, or a bzImage for `probe_linux`).\npub static GUESTS: &[(&str, &[u8])] = &[\n",
+    );
     for n in &names {
         table.push_str(&format!(
-            "    ({n:?}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.elf\"))),\n"
+            "    ({n:?}, include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{n}.img\"))),\n"
         ));
     }
     table.push_str("];\n");

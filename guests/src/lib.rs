@@ -20,13 +20,19 @@ pub fn image(name: &str) -> Option<&'static [u8]> {
     GUESTS.iter().find(|(n, _)| *n == name).map(|(_, i)| *i)
 }
 
-/// Writes every guest image into `dir` as `NAME.elf`; returns the paths.
+/// Writes every guest image into `dir` as `NAME.elf` (`NAME.bzImage` for bzImage-shaped ones);
+/// returns the paths.
 pub fn write_all(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
     std::fs::create_dir_all(dir)?;
     GUESTS
         .iter()
         .map(|(n, img)| {
-            let p = dir.join(format!("{n}.elf"));
+            let ext = if img.get(0x202..0x206) == Some(b"HdrS") {
+                "bzImage"
+            } else {
+                "elf"
+            };
+            let p = dir.join(format!("{n}.{ext}"));
             std::fs::write(&p, img)?;
             Ok(p)
         })
@@ -38,9 +44,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_guest_is_a_multiboot_elf32() {
+    fn every_guest_is_a_multiboot_elf32_or_a_bzimage() {
         assert!(GUESTS.len() >= 2);
         for (name, img) in GUESTS {
+            if img.len() > 0x206 && &img[0x202..0x206] == b"HdrS" {
+                continue;
+            }
             assert_eq!(&img[..4], b"\x7fELF", "{name}");
             assert_eq!(img[4], 1, "{name}: ELFCLASS32");
             // The Multiboot header sits 4-byte aligned in the first 8 KiB.
