@@ -216,3 +216,23 @@ fn bad_input_is_status_4_with_a_message_naming_it() {
     ]);
     assert!(e.contains("Cannot load kernel"), "{e}");
 }
+
+#[test]
+fn console_to_a_file() {
+    require_kvm();
+    let d = guest_dir();
+    let log = d.join("com1.log");
+    let _ = std::fs::remove_file(&log);
+    let o = Command::new(bhyve())
+        .arg("-l")
+        .arg(format!("com1,file={}", log.display()))
+        .arg("-o")
+        .arg(format!("boot.kernel={}", d.join("hello.elf").display()))
+        .arg("tofile")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(guests::STATUS_OK));
+    assert!(o.stdout.is_empty(), "nothing on stdout with a file console");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("Hello from a bhyve-rs test guest"), "{text:?}");
+}
