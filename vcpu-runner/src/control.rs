@@ -139,6 +139,10 @@ pub enum ControlError {
 }
 
 /// Shared between one vCPU thread and its controllers.
+///
+/// Lock order: `op` → `acked` → `thread`. The vCPU thread never holds two of them at once; state
+/// changes (`wanted`, `op_pending`) are published while holding `acked`, the lock a parked vCPU
+/// checks them under, so no notification is lost.
 #[derive(Debug)]
 pub struct VcpuControl {
     id: u32,
@@ -207,9 +211,12 @@ impl VcpuControl {
         slot.busy = true;
         slot.request = Some(op);
         slot.result = None;
-        self.op_pending.store(true, Ordering::Release);
-        // A parked (paused) vCPU waits on `changed`: wake it too.
-        self.changed.notify_all();
+        {
+            // A parked (paused) vCPU waits on `changed` under `acked`: publish under that lock.
+            let _acked = crate::handler::lock(&self.acked);
+            self.op_pending.store(true, Ordering::Release);
+            self.changed.notify_all();
+        }
         self.kick();
         let deadline = Instant::now() + timeout;
         loop {
@@ -298,11 +305,13 @@ impl VcpuControl {
         if self.wanted() == RunState::Stopping && s != RunState::Stopping {
             return Ok(());
         }
+        // Publish under the lock the parked vCPU checks under, or a vCPU between its check and its
+        // wait would miss the notification.
+        let mut acked = crate::handler::lock(&self.acked);
         self.wanted.store(s as u8, Ordering::Release);
         self.changed.notify_all();
         self.kick();
         let deadline = Instant::now() + timeout;
-        let mut acked = crate::handler::lock(&self.acked);
         loop {
             let thread_gone = crate::handler::lock(&self.thread).is_none();
             if *acked == s || (s == RunState::Stopping && thread_gone) {
