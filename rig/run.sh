@@ -20,7 +20,8 @@
 #   --guest-timeout S    limit for one guest run inside L1 (default 120; --bhyve 90)
 #   --with-qemu          put the host's QEMU in L1 in every mode (--peer always does;
 #                        rig/test/fake-bhyve.sh needs it)
-#   --timeout S          limit for the whole outer VM (default 1200)
+#   --timeout S          limit for the whole outer VM (default: enough for every inner
+#                        run to reach --guest-timeout, plus 180 s; --payload 1200)
 #   --l1-smp N, --l1-mem SIZE, --l1-cpu MODEL, --l1-append STR
 #                        outer VM settings (default 2, 2G, max, "")
 #   --out DIR            where to write results (default .cache/rig/runs/DATE-MODE)
@@ -58,7 +59,7 @@ count_exits=1
 guest_append=
 guest_timeout=
 with_qemu=0
-outer_timeout=1200
+outer_timeout=
 l1_smp=2
 l1_mem=2G
 l1_append=
@@ -92,6 +93,13 @@ done
 [[ $mode == peer ]] && with_qemu=1
 if [[ -z $guest_timeout ]]; then
     if [[ $mode == bhyve ]]; then guest_timeout=90; else guest_timeout=120; fi
+fi
+if [[ -z $outer_timeout ]]; then
+    case $mode in
+        peer) outer_timeout=$(($(wc -w <<<"$machines") * (runs + count_exits) * (guest_timeout + 10) + 180)) ;;
+        bhyve) outer_timeout=$((5 * (guest_timeout + 10) + 180)) ;;
+        *) outer_timeout=1200 ;;
+    esac
 fi
 for n in "$runs" "$guest_timeout" "$outer_timeout" "$l1_smp"; do
     [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || rig_die "$RIG_EX_USAGE" usage "'$n' is not a positive number"
