@@ -385,3 +385,236 @@ impl<S: SlowPath> ExitHandler<S> {
 pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    /// A slow path that records what is posted and answers reads from a script.
+    #[derive(Default)]
+    struct FakeSlow {
+        posted: Arc<Mutex<Vec<ExitRecord>>>,
+        answers: VecDeque<Result<CompletionRecord, SlowPathError>>,
+        full: bool,
+    }
+
+    impl SlowPath for FakeSlow {
+        fn post(&mut self, rec: ExitRecord) -> Result<bool, SlowPathError> {
+            self.posted.lock().unwrap().push(rec);
+            Ok(self.full)
+        }
+        fn wait(&mut self, seq: u64) -> Result<CompletionRecord, SlowPathError> {
+            self.answers.pop_front().unwrap_or(Ok(CompletionRecord {
+                seq,
+                data: 0x1234_5678,
+                vcpu: 0,
+                status: 0,
+                reserved: 0,
+            }))
+        }
+    }
+
+    #[derive(Default)]
+    struct Reg(u64);
+    impl BusDevice for Reg {
+        fn read(&mut self, _o: u64, d: &mut [u8]) {
+            put_le_value(d, self.0);
+        }
+        fn write(&mut self, o: u64, d: &[u8]) {
+            self.0 = le_value(d) + o;
+        }
+    }
+
+    struct Eoi(AtomicU8);
+    impl EoiSink for Eoi {
+        fn eoi(&self, v: u8) {
+            self.0.store(v, Ordering::Relaxed);
+        }
+    }
+
+    fn handler(slow: FakeSlow) -> (ExitHandler<FakeSlow>, Arc<Mutex<Reg>>, Arc<Eoi>) {
+        let mut bus = Bus::new();
+        bus.insert(Space::Pio, 0x40, 4, DeviceId(0), Stage::Fast)
+            .unwrap();
+        bus.insert(Space::Pio, 0x3f8, 8, DeviceId(1), Stage::Slow)
+            .unwrap();
+        bus.insert(Space::Mmio, 0xd000_0000, 0x1000, DeviceId(1), Stage::Slow)
+            .unwrap();
+        let fast = Arc::new(Mutex::new(Reg::default()));
+        let eoi = Arc::new(Eoi(AtomicU8::new(0)));
+        let platform = Arc::new(Platform {
+            bus,
+            fast: vec![Some(fast.clone() as FastDevice), None],
+            names: vec!["pit".into(), "com1".into()],
+            requests: Arc::new(VmRequests::new()),
+            eoi: Some(eoi.clone()),
+        });
+        let h = ExitHandler::new(0, platform, slow, Arc::new(VcpuStats::default()));
+        (h, fast, eoi)
+    }
+
+    #[test]
+    fn fast_stage_runs_inline_at_an_offset() {
+        let (mut h, fast, _) = handler(FakeSlow::default());
+        assert_eq!(
+            h.handle(VmExit::IoOut {
+                port: 0x42,
+                data: &[7]
+            }),
+            Action::Continue
+        );
+        assert_eq!(fast.lock().unwrap().0, 7 + 2, "the device saw offset 2");
+        let mut d = [0u8; 2];
+        h.handle(VmExit::IoIn {
+            port: 0x40,
+            data: &mut d,
+        });
+        assert_eq!(d, [9, 0]);
+        assert_eq!(h.stats().get(Stat::FastStage), 2);
+        assert_eq!(h.stats().get(Stat::VmExitInout), 2);
+    }
+
+    #[test]
+    fn slow_writes_are_posted_and_reads_wait() {
+        let slow = FakeSlow::default();
+        let posted = slow.posted.clone();
+        let (mut h, _, _) = handler(slow);
+        h.handle(VmExit::IoOut {
+            port: 0x3f9,
+            data: &[0x41],
+        });
+        let mut d = [0u8; 4];
+        h.handle(VmExit::MmioRead {
+            addr: 0xd000_0010,
+            data: &mut d,
+        });
+        assert_eq!(u32::from_le_bytes(d), 0x1234_5678);
+        let p = posted.lock().unwrap();
+        assert_eq!(p.len(), 2);
+        let w = p[0].decode().unwrap();
+        assert_eq!(
+            (w.kind, w.offset, w.data, w.addr),
+            (ExitKind::PioWrite, 1, 0x41, 0x3f9)
+        );
+        assert!(!w.needs_completion());
+        let r = p[1].decode().unwrap();
+        assert_eq!((r.kind, r.offset, r.seq), (ExitKind::MmioRead, 0x10, 2));
+        assert!(r.needs_completion());
+        assert_eq!(h.stats().get(Stat::SlowPosted), 1);
+        assert_eq!(h.stats().get(Stat::SlowWaited), 1);
+    }
+
+    #[test]
+    fn unclaimed_reads_are_all_ones_and_counted() {
+        let (mut h, _, _) = handler(FakeSlow::default());
+        let mut d = [0u8; 4];
+        h.handle(VmExit::IoIn {
+            port: 0x9000,
+            data: &mut d,
+        });
+        assert_eq!(d, [0xff; 4]);
+        let mut q = [0u8; 8];
+        h.handle(VmExit::MmioRead {
+            addr: 0xe000_0000,
+            data: &mut q,
+        });
+        assert_eq!(q, [0xff; 8]);
+        h.handle(VmExit::MmioWrite {
+            addr: 0xe000_0000,
+            data: &[1],
+        });
+        assert_eq!(h.stats().get(Stat::UnclaimedRead), 2);
+        assert_eq!(h.stats().get(Stat::UnclaimedWrite), 1);
+    }
+
+    #[test]
+    fn device_errors_and_timeouts_have_defined_results() {
+        let mut slow = FakeSlow::default();
+        slow.answers.push_back(Ok(CompletionRecord {
+            seq: 1,
+            data: 5,
+            vcpu: 0,
+            status: 2,
+            reserved: 0,
+        }));
+        slow.answers
+            .push_back(Err(SlowPathError::Timeout(std::time::Duration::from_secs(
+                2,
+            ))));
+        let (mut h, _, _) = handler(slow);
+        let mut d = [0u8; 1];
+        assert_eq!(
+            h.handle(VmExit::IoIn {
+                port: 0x3f8,
+                data: &mut d
+            }),
+            Action::Continue
+        );
+        assert_eq!(d, [0xff], "a device error reads as all-ones");
+        let a = h.handle(VmExit::IoIn {
+            port: 0x3f8,
+            data: &mut d,
+        });
+        assert!(
+            matches!(a, Action::Fail(ref m) if m.contains("com1")),
+            "{a:?}"
+        );
+        assert_eq!(h.stats().get(Stat::SlowPathError), 2);
+    }
+
+    #[test]
+    fn vm_level_exits_map_to_bhyve_outcomes() {
+        let (mut h, _, eoi) = handler(FakeSlow::default());
+        assert_eq!(
+            h.handle(VmExit::Shutdown),
+            Action::Stop(VmRequest::TripleFault)
+        );
+        assert_eq!(h.handle(VmExit::Hlt), Action::Stop(VmRequest::Halt));
+        assert_eq!(
+            h.handle(VmExit::SystemEvent { reset: true }),
+            Action::Stop(VmRequest::Reset)
+        );
+        assert_eq!(
+            h.handle(VmExit::IoapicEoi { vector: 0x31 }),
+            Action::Continue
+        );
+        assert_eq!(eoi.0.load(Ordering::Relaxed), 0x31);
+        assert!(matches!(
+            h.handle(VmExit::FailEntry { reason: 7 }),
+            Action::Fail(_)
+        ));
+        assert!(matches!(
+            h.handle(VmExit::InternalError { suberror: 1 }),
+            Action::Fail(_)
+        ));
+        assert!(matches!(
+            h.handle(VmExit::Other { reason: 99 }),
+            Action::Fail(_)
+        ));
+        // A request made by any device stops the VM at the next exit.
+        h.platform.requests.request(VmRequest::PowerOff);
+        assert_eq!(
+            h.handle(VmExit::IoOut {
+                port: 0x42,
+                data: &[1]
+            }),
+            Action::Stop(VmRequest::PowerOff)
+        );
+    }
+
+    #[test]
+    fn a_full_ring_is_counted() {
+        let slow = FakeSlow {
+            full: true,
+            ..FakeSlow::default()
+        };
+        let (mut h, _, _) = handler(slow);
+        h.handle(VmExit::IoOut {
+            port: 0x3f8,
+            data: &[1],
+        });
+        assert_eq!(h.stats().get(Stat::RingFull), 1);
+    }
+}
