@@ -9,7 +9,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pipeline::{CompletionRecord, Consumer, ExitRecord, Producer, RingError};
+use pipeline::{
+    CompletionRecord, Consumer, ExitRecord, Producer, RingError, RingSet, SharedRegion,
+};
 use stages::slow::{SlowDevice, SlowSide, SlowStats};
 use stages::{Bus, BusDevice, BusError, DeviceId, EoiSink, Space, Stage, VmRequest, VmRequests};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -421,12 +423,25 @@ where
             .iter()
             .map(|r| (r.start_addr().0, r.len()))
             .collect();
+        // One exit ring and one completion ring per CPU, in one memfd mapping laid out as the exit
+        // ABI prescribes (the layout the two halves would share across processes).
+        let ring_err = |e: &dyn std::fmt::Display| MachineError::Rings(e.to_string());
+        let size = RingSet::required_size(self.ncpus, cfg.ring_capacity, cfg.ring_capacity)
+            .map_err(|e| ring_err(&e))?;
+        let shm = SharedRegion::create(size).map_err(|e| ring_err(&e))?;
+        let rings = RingSet::format(
+            shm.region(),
+            self.ncpus,
+            cfg.ring_capacity,
+            cfg.ring_capacity,
+        )
+        .map_err(|e| ring_err(&e))?;
         for i in 0..self.ncpus {
             let idx = usize::try_from(i).unwrap_or(0);
-            let (ep, mut ec) = pipeline::try_channel::<ExitRecord>(cfg.ring_capacity)
-                .map_err(|e| MachineError::Rings(e.to_string()))?;
-            let (mut cp, cc) = pipeline::try_channel::<CompletionRecord>(cfg.ring_capacity)
-                .map_err(|e| MachineError::Rings(e.to_string()))?;
+            let vside = rings.vcpu_side(i).map_err(|e| ring_err(&e))?;
+            let dside = rings.device_side(i).map_err(|e| ring_err(&e))?;
+            let (ep, cc) = (vside.exits, vside.completions);
+            let (mut ec, mut cp) = (dside.exits, dside.completions);
 
             // The device-model thread of this ring.
             let ss = slow_side.clone();
@@ -488,6 +503,7 @@ where
         }
         drop(done_tx);
         Ok(RunningVm {
+            _rings: shm,
             vm: self.vm,
             memory: Mutex::new(Some(self.memory)),
             segments,
@@ -519,6 +535,8 @@ struct Threads {
 /// A running VM: what control requests (bhyvectl, signals) act on. Shareable (`Arc`); one thread
 /// calls [`RunningVm::wait`].
 pub struct RunningVm<H: Hypervisor> {
+    /// The ring set's memory (every ring handle also keeps it mapped).
+    _rings: SharedRegion,
     vm: Arc<H::Vm>,
     memory: Mutex<Option<GuestMemoryMmap<()>>>,
     segments: Vec<(u64, u64)>,
