@@ -234,5 +234,15 @@ fn console_to_a_file() {
     assert_eq!(o.status.code(), Some(guests::STATUS_OK));
     assert!(o.stdout.is_empty(), "nothing on stdout with a file console");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("Hello from a bhyve-rs test guest"), "{text:?}");
+    assert!(
+        text.contains("Hello from a bhyve-rs test guest"),
+        "{text:?}"
+    );
+}
+
+#[test]
+fn halting_with_interrupts_off_ends_with_status_2() {
+    let o = run("halt", &[]);
+    assert!(stdout(&o).contains("halting with interrupts off"));
+    assert_eq!(o.status.code(), Some(2), "bhyve's halt status");
 }

@@ -191,6 +191,19 @@ pub struct EntryRegs {
     pub tr: Option<Segment>,
 }
 
+/// Whether a vCPU can run, as the backend's scheduler sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MpState {
+    /// Running or ready to run.
+    Runnable,
+    /// Halted (HLT) in the backend, waiting for an interrupt.
+    Halted,
+    /// An application processor waiting for INIT/SIPI.
+    WaitingForSipi,
+    /// Anything else the backend reports.
+    Other(u32),
+}
+
 /// One exit of `Vcpu::run`, borrowed from the backend's run structure. It never leaves the vCPU
 /// thread: what crosses a ring is an owned `pipeline::ExitRecord` built from it.
 #[derive(Debug)]
@@ -264,6 +277,8 @@ pub trait Vcpu: Send {
     fn set_regs(&self, regs: &Regs) -> Result<(), BackendError>;
     /// Reads the special registers.
     fn sregs(&self) -> Result<SpecialRegs, BackendError>;
+    /// The scheduling state (halted, runnable, waiting for SIPI).
+    fn mp_state(&self) -> Result<MpState, BackendError>;
     /// Arms or clears `immediate_exit` (a pending kick makes the next `run` return at once).
     fn set_immediate_exit(&mut self, on: bool);
     /// The address of the `immediate_exit` byte, for a signal handler on this vCPU's thread.

@@ -102,6 +102,8 @@ pub enum VcpuOp {
     SetRegs(crate::backend::Regs),
     /// Read the special registers.
     GetSregs,
+    /// Is the vCPU halted with interrupts off (halt detection)?
+    HaltedWithInterruptsOff,
 }
 
 /// The answer to a [`VcpuOp`].
@@ -113,6 +115,8 @@ pub enum VcpuOpResult {
     Sregs(crate::backend::SpecialRegs),
     /// Done, nothing to return.
     Done,
+    /// An answer to a yes/no question.
+    Flag(bool),
     /// The backend refused.
     Failed(String),
 }

@@ -7,8 +7,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::backend::{
-    BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, Regs, Segment, SpecialRegs,
-    Vcpu, VirtKind, Vm, VmExit,
+    BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, MpState, Regs, Segment,
+    SpecialRegs, Vcpu, VirtKind, Vm, VmExit,
 };
 
 /// Detects what virtualizes guests on this host, from the loaded modules and the CPU flags.
@@ -363,6 +363,21 @@ impl Vcpu for KvmVcpu {
             cr8: s.cr8,
             efer: s.efer,
             apic_base: s.apic_base,
+        })
+    }
+
+    fn mp_state(&self) -> Result<MpState, BackendError> {
+        let m = self
+            .fd
+            .get_mp_state()
+            .map_err(|e| BackendError::ioctl("KVM_GET_MP_STATE", e))?;
+        Ok(match m.mp_state {
+            kvm_bindings::KVM_MP_STATE_RUNNABLE => MpState::Runnable,
+            kvm_bindings::KVM_MP_STATE_HALTED => MpState::Halted,
+            kvm_bindings::KVM_MP_STATE_UNINITIALIZED | kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => {
+                MpState::WaitingForSipi
+            }
+            other => MpState::Other(other),
         })
     }
 

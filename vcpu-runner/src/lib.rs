@@ -17,8 +17,8 @@ pub mod runner;
 pub mod stats;
 
 pub use backend::{
-    BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, Regs, Segment, SpecialRegs,
-    Vcpu, VirtKind, Vm, VmExit,
+    BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, MpState, Regs, Segment,
+    SpecialRegs, Vcpu, VirtKind, Vm, VmExit,
 };
 pub use control::{ControlError, VcpuOp, VcpuOpResult};
 pub use kvm::KvmHypervisor;

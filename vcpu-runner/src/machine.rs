@@ -161,6 +161,9 @@ pub struct RunConfig {
     pub completion_timeout: Duration,
     /// Bound on each control round trip (pause, resume, stop).
     pub control_timeout: Duration,
+    /// bhyve's `hw.vmm.halt_detection`: when every vCPU is halted with interrupts off (nothing can
+    /// ever wake it), the VM stops with the halt status.
+    pub halt_detection: bool,
 }
 
 impl Default for RunConfig {
@@ -172,6 +175,7 @@ impl Default for RunConfig {
             completion_spin: Duration::from_micros(100),
             completion_timeout: Duration::from_secs(2),
             control_timeout: Duration::from_secs(2),
+            halt_detection: true,
         }
     }
 }
@@ -236,6 +240,9 @@ pub fn resident_bytes(mem: &GuestMemoryMmap<()>) -> Option<u64> {
     }
     Some(total)
 }
+
+/// How long every vCPU must have been without exits before halt detection looks at them.
+const HALT_CHECK_AFTER: Duration = Duration::from_millis(500);
 
 /// The vCPU end of one ring pair.
 struct RingSlowPath {
@@ -515,6 +522,7 @@ where
             stopping,
             slow_stop,
             control_timeout: cfg.control_timeout,
+            halt_detection: cfg.halt_detection,
             started: Instant::now(),
             inner: Mutex::new(Some(Threads {
                 done_rx,
@@ -548,6 +556,7 @@ pub struct RunningVm<H: Hypervisor> {
     stopping: Arc<AtomicBool>,
     slow_stop: Arc<AtomicBool>,
     control_timeout: Duration,
+    halt_detection: bool,
     started: Instant,
     inner: Mutex<Option<Threads>>,
 }
@@ -633,6 +642,16 @@ impl<H: Hypervisor> RunningVm<H> {
         &self.vm
     }
 
+    /// Whether every vCPU is halted with interrupts off (or is an AP never started).
+    fn all_halted_with_interrupts_off(&self) -> bool {
+        self.controls.iter().all(|c| {
+            matches!(
+                c.call(VcpuOp::HaltedWithInterruptsOff, self.control_timeout),
+                Ok(VcpuOpResult::Flag(true))
+            )
+        })
+    }
+
     /// Waits for the VM to stop, stops everything within bounds, and returns how it ended. Returns
     /// `None` if another thread already waited.
     pub fn wait(&self) -> Option<RunOutcome> {
@@ -643,6 +662,13 @@ impl<H: Hypervisor> RunningVm<H> {
             slow_threads,
         } = threads;
         let n = self.controls.len();
+        let exits = || -> Vec<u64> {
+            self.vcpu_stats
+                .iter()
+                .map(|s| s.get(crate::stats::Stat::VmExitTotal))
+                .collect()
+        };
+        let (mut quiet_since, mut last_exits) = (Instant::now(), exits());
         // Wait for the first vCPU to stop, or for a stop from outside.
         let first = loop {
             match done_rx.recv_timeout(Duration::from_millis(20)) {
@@ -657,6 +683,19 @@ impl<H: Hypervisor> RunningVm<H> {
                         for c in &self.controls {
                             c.kick();
                         }
+                    }
+                    // Halt detection: only when no vCPU has taken an exit for a while, so a busy
+                    // VM never pays for it.
+                    let now_exits = exits();
+                    if now_exits != last_exits {
+                        (quiet_since, last_exits) = (Instant::now(), now_exits);
+                    } else if self.halt_detection
+                        && quiet_since.elapsed() >= HALT_CHECK_AFTER
+                        && self.all_halted_with_interrupts_off()
+                    {
+                        self.request(VmRequest::Halt);
+                    } else if quiet_since.elapsed() >= HALT_CHECK_AFTER {
+                        quiet_since = Instant::now();
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break None,

@@ -9,7 +9,7 @@
 //!     └──────────────────▶ Stopping  (thread leaves the loop, acknowledges, unregisters)
 //! ```
 
-use crate::backend::{Vcpu, VmExit};
+use crate::backend::{MpState, Vcpu, VmExit};
 use crate::control::{register_vcpu_thread, RunState, VcpuControl, VcpuOp, VcpuOpResult};
 use crate::handler::{Action, ExitHandler, SlowPath};
 use stages::VmRequest;
@@ -48,6 +48,15 @@ fn run_op<V: Vcpu>(vcpu: &mut V, op: VcpuOp) -> VcpuOpResult {
         VcpuOp::GetRegs => vcpu.regs().map(VcpuOpResult::Regs),
         VcpuOp::SetRegs(r) => vcpu.set_regs(&r).map(|()| VcpuOpResult::Done),
         VcpuOp::GetSregs => vcpu.sregs().map(VcpuOpResult::Sregs),
+        VcpuOp::HaltedWithInterruptsOff => vcpu.mp_state().and_then(|m| {
+            Ok(VcpuOpResult::Flag(match m {
+                // An AP that was never started cannot be woken by the guest's own interrupts
+                // either, if the BSP is halted with interrupts off.
+                MpState::WaitingForSipi => true,
+                MpState::Halted => vcpu.regs()?.rflags & (1 << 9) == 0,
+                MpState::Runnable | MpState::Other(_) => false,
+            }))
+        }),
     };
     r.unwrap_or_else(|e| VcpuOpResult::Failed(e.to_string()))
 }
