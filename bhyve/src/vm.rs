@@ -9,15 +9,17 @@ use std::time::Instant;
 
 use stages::acpipm::{Pm1, ResetControl, PM1_LEN, PM1_PORT, RESET_CONTROL_LEN, RESET_CONTROL_PORT};
 use stages::misc::{
-    BootDone, DebugExit, Scratch, ScratchMem, BOOT_DONE_PORT, DEBUG_EXIT_PORT, I8042, I8042_BASE,
-    I8042_LEN, SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN, SCRATCH_PORT_LEN,
-    SCRATCH_SLOW_PORT,
+    BootDone, DebugExit, Scratch, ScratchMem, BOOT_DONE_PORT, DEBUG_EXIT_PORT, I8042,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN,
+    SCRATCH_PORT_LEN, SCRATCH_SLOW_PORT,
 };
-use stages::models::uart::{Uart, COM1_BASE, COM2_BASE, UART_LEN};
+use stages::models::uart::{Uart, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN};
+use stages::pc::{MsiFn, MsiRoute, PcConfig, PcPlatform};
+use stages::BusDevice;
 use stages::{Space, Stage, VmRequests};
 use vcpu_runner::machine::host_cpus;
 use vcpu_runner::{
-    DescriptorTable, Devices, EntryRegs, Hypervisor, KvmHypervisor, Machine, RunConfig, Segment,
+    DescriptorTable, Devices, EntryRegs, Hypervisor, KvmHypervisor, Machine, RunConfig, Segment, Vm,
 };
 
 use crate::opts::{BootProtocol, Config, ConsoleBackend};
@@ -70,12 +72,32 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// The in-module platform could not be registered.
+    #[error("In-module devices: {0}")]
+    Platform(String),
     /// The hypervisor refused.
     #[error(transparent)]
     Backend(#[from] vcpu_runner::BackendError),
     /// Building or running the machine failed.
     #[error(transparent)]
     Machine(#[from] vcpu_runner::MachineError),
+}
+
+/// The ACPI PM1 block with its SCI wired to the platform's ISA IRQ 9 (level, as the FADT says).
+struct SciPm1 {
+    pm1: Pm1,
+    pc: Arc<PcPlatform>,
+}
+
+impl BusDevice for SciPm1 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.pm1.read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.pm1.write(offset, data);
+        self.pc
+            .set_irq(stages::acpipm::SCI_IRQ, self.pm1.sci_level());
+    }
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -187,8 +209,8 @@ fn add_uart(
     name: &str,
     base: u64,
     backend: &ConsoleBackend,
+    irq: Arc<dyn stages::models::uart::IrqLine>,
 ) -> Result<(), VmError> {
-    let irq: Arc<dyn stages::models::uart::IrqLine> = Arc::new(stages::models::uart::NoIrq);
     let (out, input): (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>) = match backend {
         ConsoleBackend::Stdio => (
             Box::new(std::io::stdout()),
@@ -325,6 +347,41 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
 
     let requests = Arc::new(VmRequests::new());
     let mut devices = Devices::new();
+
+    // The in-module devices (I/O APIC, PIC, PIT, HPET, RTC, PM timer, PCI config mechanism #1),
+    // delivering through KVM MSIs to the in-kernel local APICs.
+    let kvm_vm = machine.vm().clone();
+    let msi: MsiFn = Arc::new(move |addr, data| {
+        // A failed injection has no guest-visible recovery; the platform counts what it sends.
+        let _ = kvm_vm.signal_msi(addr, data);
+    });
+    let pc = PcPlatform::new(
+        PcConfig {
+            ncpus: cfg.cpus,
+            ..PcConfig::default()
+        },
+        msi,
+        requests.clone(),
+    );
+    let kvm_vm = machine.vm().clone();
+    pc.set_route_sink(Arc::new(move |routes: &[MsiRoute]| {
+        let table: Vec<(u32, u64, u32)> =
+            routes.iter().map(|r| (r.gsi, r.address, r.data)).collect();
+        kvm_vm.set_msi_routes(&table).map_err(|e| e.to_string())
+    }));
+    let mut pc_err = None;
+    pc.register(&mut |name, space, base, len, dev| {
+        devices
+            .add(name, space, base, len, Stage::Fast, dev)
+            .map(|_| ())
+            .map_err(|e| {
+                let m = e.to_string();
+                pc_err.get_or_insert_with(|| m.clone());
+                m
+            })
+    })
+    .map_err(|m| VmError::Platform(pc_err.take().unwrap_or(m)))?;
+    devices.set_eoi_sink(pc.clone());
     devices.add(
         "debug-exit",
         Space::Pio,
@@ -342,12 +399,20 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         Arc::new(Mutex::new(BootDone::new(requests.clone(), Instant::now()))),
     )?;
     devices.add(
-        "i8042",
+        "i8042-data",
         Space::Pio,
-        I8042_BASE,
-        I8042_LEN,
+        I8042_DATA_PORT,
+        1,
         Stage::Fast,
-        Arc::new(Mutex::new(I8042::new(requests.clone()))),
+        Arc::new(Mutex::new(I8042::data_port(requests.clone()))),
+    )?;
+    devices.add(
+        "i8042-command",
+        Space::Pio,
+        I8042_COMMAND_PORT,
+        1,
+        Stage::Fast,
+        Arc::new(Mutex::new(I8042::command_port(requests.clone()))),
     )?;
     devices.add(
         "acpi-pm1",
@@ -355,7 +420,10 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         PM1_PORT,
         PM1_LEN,
         Stage::Fast,
-        Arc::new(Mutex::new(Pm1::new(requests.clone()))),
+        Arc::new(Mutex::new(SciPm1 {
+            pm1: Pm1::new(requests.clone()),
+            pc: pc.clone(),
+        })),
     )?;
     devices.add(
         "reset-control",
@@ -366,10 +434,10 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         Arc::new(Mutex::new(ResetControl::new(requests.clone()))),
     )?;
     if let Some(b) = &cfg.com1 {
-        add_uart(&mut devices, "com1", COM1_BASE, b)?;
+        add_uart(&mut devices, "com1", COM1_BASE, b, pc.isa_line(COM1_IRQ))?;
     }
     if let Some(b) = &cfg.com2 {
-        add_uart(&mut devices, "com2", COM2_BASE, b)?;
+        add_uart(&mut devices, "com2", COM2_BASE, b, pc.isa_line(COM2_IRQ))?;
     }
     if cfg.test_devices {
         devices.add(
@@ -416,7 +484,22 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
             name: "signals".into(),
             source,
         })?;
-    let outcome = machine.run(entry, devices, requests.clone(), &run_cfg, stop)?;
+    let timers_stop = Arc::new(AtomicBool::new(false));
+    let timers = {
+        let (pc, stop) = (pc.clone(), timers_stop.clone());
+        std::thread::Builder::new()
+            .name("timers".into())
+            .spawn(move || pc.run_timers(&stop))
+            .map_err(|source| vcpu_runner::MachineError::Thread {
+                name: "timers".into(),
+                source,
+            })?
+    };
+    let outcome = machine.run(entry, devices, requests.clone(), &run_cfg, stop);
+    timers_stop.store(true, Ordering::Release);
+    pc.notify_timers();
+    let _ = timers.join();
+    let outcome = outcome?;
     let _ = std::io::stdout().flush();
     if cfg.print_stats {
         print_stats(&outcome, requests.boot_done());

@@ -9,10 +9,10 @@ use crate::platform::{le_value, BusDevice, VmRequest, VmRequests};
 pub const DEBUG_EXIT_PORT: u64 = 0xf4;
 /// Our boot-done port: the guest writes any value once when it has booted, so the monitor can time it.
 pub const BOOT_DONE_PORT: u64 = 0xf5;
-/// The i8042 data port (0x60) and command/status port (0x64) are decoded as one range from 0x60.
-pub const I8042_BASE: u64 = 0x60;
-/// Length of the i8042 range (0x60..=0x64).
-pub const I8042_LEN: u64 = 5;
+/// The i8042 data port.
+pub const I8042_DATA_PORT: u64 = 0x60;
+/// The i8042 command/status port (0x61, between them, is the PIT's port 0x61).
+pub const I8042_COMMAND_PORT: u64 = 0x64;
 
 /// A write of `v` ends the VM with status `(v << 1) | 1`.
 #[derive(Debug)]
@@ -36,31 +36,39 @@ impl BusDevice for DebugExit {
 }
 
 /// Just enough of an i8042 keyboard controller for the reset line: command 0xfe on port 0x64 pulses
-/// the CPU reset, which ends the VM with the reboot status. Status reads say "no data, input empty" so a
-/// kernel's probe gives up quickly.
+/// the CPU reset, which ends the VM with the reboot status. Status reads say "no data, input empty"
+/// so a kernel's probe gives up quickly. One instance per port (0x60 data, 0x64 command/status).
 #[derive(Debug)]
 pub struct I8042 {
     requests: Arc<VmRequests>,
+    command_port: bool,
 }
 
 impl I8042 {
-    /// The device, raising its request on `requests`.
-    pub fn new(requests: Arc<VmRequests>) -> Self {
-        Self { requests }
+    /// The data port (0x60).
+    pub fn data_port(requests: Arc<VmRequests>) -> Self {
+        Self {
+            requests,
+            command_port: false,
+        }
+    }
+
+    /// The command/status port (0x64).
+    pub fn command_port(requests: Arc<VmRequests>) -> Self {
+        Self {
+            requests,
+            command_port: true,
+        }
     }
 }
 
 impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match offset {
-            // Status: output buffer empty, input buffer empty, system flag set.
-            4 => data.fill(0),
-            0 => data.fill(0),
-            _ => {}
-        }
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        // Status: output buffer empty, input buffer empty; data: nothing pending.
+        data.fill(0);
     }
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == 4 && data.first() == Some(&0xfe) {
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        if self.command_port && data.first() == Some(&0xfe) {
             self.requests.request(VmRequest::Reset);
         }
     }
@@ -100,12 +108,15 @@ mod tests {
         assert_eq!(r.pending().unwrap().exit_status(), 0x21);
 
         let r = Arc::new(VmRequests::new());
-        let mut k = I8042::new(r.clone());
-        k.write(4, &[0xd1]);
+        let (mut data, mut cmd) = (I8042::data_port(r.clone()), I8042::command_port(r.clone()));
+        cmd.write(0, &[0xd1]);
         assert_eq!(r.pending(), None);
-        k.write(0, &[0xfe]);
+        data.write(0, &[0xfe]);
         assert_eq!(r.pending(), None, "0xfe on the data port is not a reset");
-        k.write(4, &[0xfe]);
+        let mut st = [0xffu8];
+        cmd.read(0, &mut st);
+        assert_eq!(st, [0], "status: both buffers empty");
+        cmd.write(0, &[0xfe]);
         assert_eq!(r.pending(), Some(VmRequest::Reset));
     }
 

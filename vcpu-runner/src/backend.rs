@@ -263,6 +263,10 @@ pub trait Vm: Send + Sync {
     fn create_vcpu(&self, id: u32) -> Result<Self::Vcpu, BackendError>;
     /// Injects an MSI (how our I/O APIC delivers to the in-kernel LAPIC).
     fn signal_msi(&self, addr: u64, data: u32) -> Result<(), BackendError>;
+    /// Replaces the GSI routing table with MSI routes `(gsi, address, data)`. With a userspace
+    /// I/O APIC this is also how the backend learns which vectors are level-triggered I/O APIC
+    /// vectors, whose EOIs it must report (`VmExit::IoapicEoi`).
+    fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError>;
 }
 
 /// One vCPU. Must be run on one thread (the pinned vCPU thread).

@@ -158,6 +158,30 @@ impl Vm for KvmVm {
             .map(|_| ())
             .map_err(|e| BackendError::ioctl("KVM_SIGNAL_MSI", e))
     }
+
+    fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError> {
+        let mut table = kvm_bindings::KvmIrqRouting::new(0)
+            .map_err(|e| BackendError::Invalid(format!("route table: {e:?}")))?;
+        for &(gsi, addr, data) in routes {
+            let mut e = kvm_bindings::kvm_irq_routing_entry {
+                gsi,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi = kvm_bindings::kvm_irq_routing_msi {
+                address_lo: u32::try_from(addr & 0xffff_ffff).unwrap_or(0),
+                address_hi: u32::try_from(addr >> 32).unwrap_or(0),
+                data,
+                ..Default::default()
+            };
+            table
+                .push(e)
+                .map_err(|e| BackendError::Invalid(format!("route table: {e:?}")))?;
+        }
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|e| BackendError::ioctl("KVM_SET_GSI_ROUTING", e))
+    }
 }
 
 /// A KVM vCPU.
