@@ -117,6 +117,10 @@ pub trait QueueHandler: Send {
     fn fd_ready(&mut self, _token: u32, _ctx: &mut QueueCtx<'_>) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// Gives the backend back (at reset), for the device to use in its next activation.
+    fn into_backend(self: Box<Self>) -> Option<Box<dyn std::any::Any + Send>> {
+        None
+    }
 }
 
 /// Interrupts and the device-side status bits, shared by the register side and the worker.
@@ -250,6 +254,11 @@ impl Signals {
     }
 }
 
+/// Chains one handler call may take before it must yield (the rest wait for the next pass). A
+/// guest whose buffers overwrite its own available index could otherwise keep a device busy
+/// forever without spending a cycle of its own.
+pub const CHAIN_BUDGET: usize = 1024;
+
 /// What a handler works with.
 pub struct QueueCtx<'a> {
     /// Guest memory.
@@ -258,6 +267,10 @@ pub struct QueueCtx<'a> {
     pub queues: &'a mut [Queue],
     /// Interrupts, status, counters, log.
     pub signals: &'a Signals,
+    /// Chains popped in this call.
+    pub(crate) popped: usize,
+    /// Queues left with work when the budget ran out (bit per queue).
+    pub(crate) more: u64,
 }
 
 impl std::fmt::Debug for QueueCtx<'_> {
@@ -268,12 +281,31 @@ impl std::fmt::Debug for QueueCtx<'_> {
     }
 }
 
-impl QueueCtx<'_> {
+impl<'a> QueueCtx<'a> {
     /// The next checked chain of queue `q`, if any (a queue not enabled never has one).
     pub fn pop(&mut self, q: u16) -> Result<Option<Chain>, QueueError> {
-        match self.queues.get_mut(usize::from(q)) {
-            Some(queue) if queue.ready() => Chain::pop(queue, self.mem),
-            _ => Ok(None),
+        if self.popped >= CHAIN_BUDGET {
+            self.more |= 1u64.checked_shl(u32::from(q)).unwrap_or(0);
+            return Ok(None);
+        }
+        let chain = match self.queues.get_mut(usize::from(q)) {
+            Some(queue) if queue.ready() => Chain::pop(queue, self.mem)?,
+            _ => None,
+        };
+        if chain.is_some() {
+            self.popped += 1;
+        }
+        Ok(chain)
+    }
+
+    /// A context over `queues` (for handlers driven outside the transport: fuzzing, benchmarks).
+    pub fn new(mem: &'a GuestMemoryMmap, queues: &'a mut [Queue], signals: &'a Signals) -> Self {
+        Self {
+            mem,
+            queues,
+            signals,
+            popped: 0,
+            more: 0,
         }
     }
 

@@ -18,10 +18,16 @@
     clippy::cast_lossless
 )]
 
+pub mod blk;
+pub mod console;
 pub mod device;
 pub mod log;
+pub mod net;
+pub mod options;
 pub mod pci;
 pub mod queue;
+pub mod rng;
+pub mod testing;
 pub mod transport;
 
 pub use device::{QueueCtx, QueueHandler, Signals, VirtioDevice};

@@ -207,26 +207,26 @@ struct Running {
 }
 
 impl Running {
+    /// Runs `f`; returns the queues left with work when the chain budget ran out (bit per queue).
     fn run(
         &mut self,
         mem: &GuestMemoryMmap,
         signals: &Signals,
         f: impl FnOnce(&mut dyn QueueHandler, &mut QueueCtx<'_>) -> Result<(), DeviceError>,
-    ) {
+    ) -> u64 {
         if self.halted {
             VirtioStats::inc(&signals.stats.notifies_ignored);
-            return;
+            return 0;
         }
-        let mut ctx = QueueCtx {
-            mem,
-            queues: &mut self.queues,
-            signals,
-        };
-        match f(self.handler.as_mut(), &mut ctx) {
-            Ok(()) => {}
+        let mut ctx = QueueCtx::new(mem, &mut self.queues, signals);
+        let result = f(self.handler.as_mut(), &mut ctx);
+        let more = ctx.more;
+        match result {
+            Ok(()) => more,
             Err(DeviceError::Queue(e)) => {
                 self.halted = true;
                 signals.needs_reset(&e);
+                0
             }
             Err(DeviceError::Backend(e)) => {
                 self.halted = true;
@@ -234,6 +234,7 @@ impl Running {
                 signals
                     .log
                     .log(format_args!("backend failed, queues stopped: {e}"));
+                0
             }
         }
     }
@@ -543,7 +544,10 @@ impl VirtioPciDevice {
         }
         VirtioStats::inc(&self.signals.stats.notifies);
         match &mut self.engine {
-            Engine::Inline(r) => r.run(&self.mem, &self.signals, |h, ctx| h.queue_notify(q, ctx)),
+            // Inline: work left over when the budget ran out waits for the next notify.
+            Engine::Inline(r) => {
+                r.run(&self.mem, &self.signals, |h, ctx| h.queue_notify(q, ctx));
+            }
             Engine::Worker(_) => {
                 if let Some(Err(e)) = self.notify.get(usize::from(q)).map(|n| n.write(1)) {
                     self.signals
@@ -1060,18 +1064,26 @@ fn worker_loop(
         if fds.first().is_some_and(|p| p.revents != 0) {
             break;
         }
+        let mut more = 0u64;
         for (q, n) in notify.iter().enumerate() {
             let fired = fds.get(q + 1).is_some_and(|p| p.revents != 0);
             if fired && n.read().is_ok() {
                 let q = u16::try_from(q).unwrap_or(u16::MAX);
-                r.run(mem, signals, |h, ctx| h.queue_notify(q, ctx));
+                more |= r.run(mem, signals, |h, ctx| h.queue_notify(q, ctx));
             }
         }
         let base = 1 + notify.len();
         for (i, (_, token)) in extra.iter().enumerate() {
             if fds.get(base + i).is_some_and(|p| p.revents != 0) {
                 let t = *token;
-                r.run(mem, signals, |h, ctx| h.fd_ready(t, ctx));
+                more |= r.run(mem, signals, |h, ctx| h.fd_ready(t, ctx));
+            }
+        }
+        // Budget ran out: come back to those queues after looking at everything else (and at the
+        // kill eventfd) once more.
+        for (q, n) in notify.iter().enumerate() {
+            if more & (1u64 << (q % 64)) != 0 {
+                let _ = n.write(1);
             }
         }
     }
