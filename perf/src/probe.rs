@@ -276,6 +276,18 @@ mod tests {
     }
 
     #[test]
+    fn handles_cross_threads() {
+        // The probe moves to the vCPU thread; sets, switch and collector are shared with tools.
+        fn send<T: Send>() {}
+        fn shared<T: Send + Sync>() {}
+        send::<VcpuProbe>();
+        send::<crate::TraceCollector>();
+        shared::<HistogramSet>();
+        shared::<crate::TraceSwitch>();
+        shared::<crate::TraceRingStats>();
+    }
+
+    #[test]
     fn finish_without_an_open_exit_records_nothing() {
         let hists = Arc::new(HistogramSet::new());
         let mut p = VcpuProbe::new(0, Clock::monotonic(), hists.clone(), None);
