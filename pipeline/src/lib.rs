@@ -40,6 +40,7 @@
 extern crate std;
 
 pub mod abi;
+mod barrier;
 mod region;
 pub mod ring;
 pub mod ringset;

@@ -77,14 +77,15 @@ use core::ptr::NonNull;
 use crossbeam_utils::CachePadded;
 
 use crate::abi::{Record, ABI_VERSION};
+use crate::barrier;
 use crate::region::Region;
-use crate::sync::{fence, AtomicU32, AtomicU64, Ordering, UnsafeCell, PUBLISH};
+use crate::sync::{compiler_fence, fence, AtomicU32, AtomicU64, Ordering, UnsafeCell, PUBLISH};
 use crate::wait::{WakeWord, AWAKE};
 #[cfg(any(feature = "std", loom))]
 use crate::{
     abi::CompletionRecord,
     sync::spin_hint,
-    wait::{Clock, WaitOutcome, SLEEPING},
+    wait::{Clock, WaitOutcome, Waiter, SLEEPING},
 };
 #[cfg(any(feature = "std", loom))]
 use core::time::Duration;
@@ -113,6 +114,9 @@ struct Meta {
     capacity: AtomicU32,
     header_size: AtomicU32,
     claims: AtomicU32,
+    /// [`barrier::FENCED`] or [`barrier::LIGHT`], written by the producer when it claims.
+    producer_mode: AtomicU32,
+    reserved: AtomicU32,
 }
 
 /// The ring header at the start of the region.
@@ -140,7 +144,7 @@ const _: () = {
     assert!(offset_of!(RingHeader, head) == 2 * line);
     assert!(offset_of!(RingHeader, wake) == 3 * line);
     assert!(HEADER_SIZE == 4 * line);
-    assert!(size_of::<Meta>() == 32);
+    assert!(size_of::<Meta>() == 40);
     assert!(offset_of!(Meta, magic) == 0);
     assert!(offset_of!(Meta, version) == 8);
     assert!(offset_of!(Meta, record_tag) == 12);
@@ -148,6 +152,8 @@ const _: () = {
     assert!(offset_of!(Meta, capacity) == 20);
     assert!(offset_of!(Meta, header_size) == 24);
     assert!(offset_of!(Meta, claims) == 28);
+    assert!(offset_of!(Meta, producer_mode) == 32);
+    assert!(offset_of!(Meta, reserved) == 36);
     assert!(size_of::<WakeWord>() == 4);
     // A slot is exactly a record, so batches copy runs of records.
     assert!(size_of::<Slot<crate::abi::ExitRecord>>() == 48);
@@ -480,6 +486,8 @@ impl<T: Record> Ring<T> {
                     capacity: AtomicU32::new(capacity),
                     header_size: AtomicU32::new(HEADER_SIZE_U32),
                     claims: AtomicU32::new(0),
+                    producer_mode: AtomicU32::new(barrier::FENCED),
+                    reserved: AtomicU32::new(0),
                 }),
                 tail: CachePadded::new(AtomicU64::new(0)),
                 head: CachePadded::new(AtomicU64::new(0)),
@@ -617,6 +625,19 @@ impl<T: Record> Ring<T> {
     pub fn producer(&self) -> Result<Producer<T>, AttachError> {
         self.claim(Side::Producer)?;
         let h = self.header();
+        let light = barrier::register_producer();
+        h.meta.producer_mode.store(
+            if light {
+                barrier::LIGHT
+            } else {
+                barrier::FENCED
+            },
+            Ordering::Relaxed,
+        );
+        // Pairs with the consumer's fence before it reads the mode: either the consumer sees
+        // LIGHT (and issues membarrier before sleeping), or its "sleeping" flag is visible to
+        // every flag load this producer makes from now on (so it will be woken).
+        fence(Ordering::SeqCst);
         let tail = h.tail.load(Ordering::Acquire);
         let head = h.head.load(Ordering::Acquire);
         let capacity = u64::from(self.capacity);
@@ -637,6 +658,7 @@ impl<T: Record> Ring<T> {
             slots: self.slots(),
             header: self.region.base().cast(),
             capacity,
+            light,
             poison,
             wakeups: 0,
             _region: self.region.clone(),
@@ -659,7 +681,10 @@ impl<T: Record> Ring<T> {
             capacity,
             poison: None,
             parks: 0,
+            fallback_parks: 0,
+            late_wakeups: 0,
             stale_completions: 0,
+            #[cfg(any(feature = "std", loom))]
             producer_seen: false,
             _region: self.region.clone(),
             _record: PhantomData,
@@ -692,6 +717,8 @@ pub struct Producer<T: Record> {
     slots: NonNull<Slot<T>>,
     header: NonNull<RingHeader>,
     capacity: u64,
+    /// Light mode: no fence after publishing (see [`crate::barrier`]).
+    light: bool,
     poison: Option<RingError>,
     wakeups: u64,
     /// Keeps the memory mapped (for owned regions).
@@ -711,6 +738,7 @@ impl<T: Record> fmt::Debug for Producer<T> {
             .field("capacity", &self.capacity)
             .field("poison", &self.poison)
             .field("wakeups", &self.wakeups)
+            .field("light", &self.light)
             .finish_non_exhaustive()
     }
 }
@@ -762,8 +790,14 @@ impl<T: Record> Producer<T> {
         let h = self.header();
         h.tail.store(self.tail, PUBLISH);
         // Dekker: order the tail store before the wake-flag load (pairs with the consumer's
-        // fence between setting the flag and re-reading the tail).
-        fence(Ordering::SeqCst);
+        // fence between setting the flag and re-reading the tail). In light mode the consumer's
+        // membarrier supplies this barrier when it matters, so a compiler fence suffices; the
+        // loom models always take the fence (see `barrier`).
+        if cfg!(loom) || !self.light {
+            fence(Ordering::SeqCst);
+        } else {
+            compiler_fence(Ordering::SeqCst);
+        }
         if h.wake.word.load(Ordering::Relaxed) != AWAKE {
             self.wake_consumer();
         }
@@ -880,6 +914,13 @@ impl<T: Record> Producer<T> {
     pub fn wakeups(&self) -> u64 {
         self.wakeups
     }
+
+    /// True if this producer publishes without a fence, relying on sleeping consumers'
+    /// `membarrier` ("light" mode, see the module docs); false if it fences every publish.
+    #[must_use]
+    pub fn uses_membarrier(&self) -> bool {
+        self.light
+    }
 }
 
 impl<T: Record> Drop for Producer<T> {
@@ -919,8 +960,11 @@ pub struct Consumer<T: Record> {
     capacity: u64,
     poison: Option<RingError>,
     parks: u64,
+    fallback_parks: u64,
+    late_wakeups: u64,
     stale_completions: u64,
     /// Whether a producer has been seen attached (so a detached one means "gone", not "not yet").
+    #[cfg(any(feature = "std", loom))]
     producer_seen: bool,
     /// Keeps the memory mapped (for owned regions).
     _region: Region,
@@ -1086,6 +1130,22 @@ impl<T: Record> Consumer<T> {
         self.parks
     }
 
+    /// Parks that ended by their timeout although records had arrived meanwhile: a wake-up
+    /// that came late (the producer stalled between publishing and waking) or was lost. With a
+    /// live producer this stays near zero; the two-process test checks it.
+    #[must_use]
+    pub fn late_wakeups(&self) -> u64 {
+        self.late_wakeups
+    }
+
+    /// Parks cut short to [`crate::Waiter::FALLBACK_PARK`] because the producer runs in light
+    /// mode and this process's `membarrier` call failed (see the module docs). Non-zero means
+    /// wake-ups may be late by up to that much; the fix is to allow `membarrier(2)` here.
+    #[must_use]
+    pub fn fallback_parks(&self) -> u64 {
+        self.fallback_parks
+    }
+
     /// Completions discarded by [`Consumer::wait_completion`] because they answered an earlier
     /// request (one that had already timed out).
     #[must_use]
@@ -1160,6 +1220,15 @@ impl<T: Record> Consumer<T> {
             // Dekker: order the flag store before the tail re-read (pairs with the producer's
             // fence between its tail store and its flag load).
             fence(Ordering::SeqCst);
+            // A light producer has no fence of its own: supply it (see `barrier`).
+            let mut budget = budget;
+            let mut fallback = false;
+            if self.header().meta.producer_mode.load(Ordering::Relaxed) != barrier::FENCED
+                && !barrier::heavy_barrier()
+            {
+                budget = budget.min(Waiter::FALLBACK_PARK);
+                fallback = true;
+            }
             let ready = self.refresh_tail();
             if !matches!(ready, Ok(0)) {
                 self.header().wake.set(AWAKE);
@@ -1172,11 +1241,15 @@ impl<T: Record> Consumer<T> {
                 self.header().wake.set(AWAKE);
                 return Ok(WaitOutcome::TimedOut);
             }
-            self.header().wake.sleep(budget);
+            let timed_out = self.header().wake.sleep(budget);
             self.parks += 1;
+            self.fallback_parks += u64::from(fallback);
             parked = true;
             let ready = self.refresh_tail();
             if !matches!(ready, Ok(0)) {
+                // Records arrived while we slept, yet nobody woke us: the producer stalled
+                // between publishing and waking, or a wake-up was lost.
+                self.late_wakeups += u64::from(timed_out);
                 self.header().wake.set(AWAKE);
                 return ready.map(|_| WaitOutcome::Ready { parked });
             }

@@ -6,6 +6,8 @@
 //! index protocol (a "causality violation"). Nothing outside this module names `core::sync` or
 //! `loom::sync` directly.
 
+/// Not an atomic operation (it only restrains the compiler), so the same under loom.
+pub(crate) use core::sync::atomic::compiler_fence;
 #[cfg(not(loom))]
 pub(crate) use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 #[cfg(loom)]

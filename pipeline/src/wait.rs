@@ -43,6 +43,9 @@ impl Waiter {
     /// The longest single park; the waiter re-checks the ring after each, so a peer that
     /// clears the wake flag without waking us costs at most this much.
     pub const PARK_SLICE: Duration = Duration::from_millis(10);
+    /// The longest single park when this process cannot issue the `membarrier` a light
+    /// producer relies on (see [`crate::Consumer::fallback_parks`]).
+    pub const FALLBACK_PARK: Duration = Duration::from_millis(1);
 
     /// A waiter with the given budgets.
     #[must_use]
@@ -89,15 +92,17 @@ impl WakeWord {
     }
 
     /// Sleep while the word is [`SLEEPING`], for at most `timeout` (under loom: until woken).
+    /// True if the sleep ended because the timeout expired (not a wake-up or a changed word).
     #[cfg(any(feature = "std", loom))]
-    pub(crate) fn sleep(&self, timeout: Duration) {
+    pub(crate) fn sleep(&self, timeout: Duration) -> bool {
         #[cfg(loom)]
         {
             let _ = timeout;
             self.parker.wait(&self.word, SLEEPING);
+            false
         }
         #[cfg(not(loom))]
-        futex::wait(&self.word, SLEEPING, timeout);
+        futex::wait(&self.word, SLEEPING, timeout)
     }
 
     /// Wake the consumer if it sleeps on this word.
@@ -135,17 +140,18 @@ mod futex {
     use crate::sync::AtomicU32;
 
     /// `FUTEX_WAIT` with a relative timeout. Returns on wake-up, timeout, signal, or at once if
-    /// the word no longer holds `expected`; the caller re-checks in every case.
-    pub(super) fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    /// the word no longer holds `expected`; the caller re-checks in every case. True if the
+    /// timeout expired.
+    pub(super) fn wait(word: &AtomicU32, expected: u32, timeout: Duration) -> bool {
         let ts = libc::timespec {
             tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
             tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
         };
         // SAFETY: `word` is a live, aligned 32-bit atomic for the duration of the call (the
         // kernel only reads it) and `ts` outlives the call; the remaining arguments are unused
-        // by FUTEX_WAIT. The result (0, EAGAIN, ETIMEDOUT, EINTR) needs no handling: the
-        // caller re-checks the ring whatever happened.
-        unsafe {
+        // by FUTEX_WAIT. Whatever the result (0, EAGAIN, ETIMEDOUT, EINTR) the caller re-checks
+        // the ring; only ETIMEDOUT is reported, for the late-wake-up counter.
+        let rc = unsafe {
             libc::syscall(
                 libc::SYS_futex,
                 word.as_ptr(),
@@ -154,8 +160,9 @@ mod futex {
                 core::ptr::from_ref(&ts),
                 core::ptr::null::<u32>(),
                 0u32,
-            );
-        }
+            )
+        };
+        rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT)
     }
 
     /// `FUTEX_WAKE` one waiter (a ring has one consumer).

@@ -3,7 +3,9 @@
 
 use super::*;
 use crate::abi::{CompletionRecord, ExitKind, ExitRecord};
+use crate::barrier;
 use crate::wait::Waiter;
+use crate::wait::SLEEPING;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::time::{Duration, Instant};
 
@@ -37,6 +39,37 @@ impl Drop for Buf {
         // SAFETY: allocated in `new` with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), self.layout) };
     }
+}
+
+/// Block until thread `tid` of this process is asleep in the kernel (state `S`), i.e. parked.
+fn wait_until_parked(tid: i32) {
+    let path = format!("/proc/self/task/{tid}/stat");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(&path).unwrap();
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap();
+        if state == "S" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "thread {tid} never parked: {stat}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    i32::try_from(tid).unwrap()
 }
 
 fn rec(seq: u64) -> ExitRecord {
@@ -498,19 +531,15 @@ fn wait_times_out_on_an_empty_ring_within_bounds() {
 #[test]
 fn a_sleeping_consumer_is_woken_by_exactly_one_publish() {
     let (mut p, mut c) = crate::channel::<ExitRecord>(8);
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
         let start = Instant::now();
         // No spin: park at once; a long timeout so only a wake-up can end the wait soon.
         let out = c.wait_for_records(Duration::ZERO, Duration::from_secs(20));
         (out, start.elapsed(), c.try_pop(), c.parks())
     });
-    // Wait until the consumer has announced it is going to sleep.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while p.header().wake.word.load(Ordering::Relaxed) != SLEEPING {
-        assert!(Instant::now() < deadline, "consumer never slept");
-        std::thread::yield_now();
-    }
-    std::thread::sleep(Duration::from_millis(5));
+    wait_until_parked(tid_rx.recv().unwrap());
     p.try_push(rec(7)).unwrap();
     p.try_push(rec(8)).unwrap();
     let (out, took, popped, parks) = t.join().unwrap();
@@ -609,4 +638,91 @@ fn read_round_trips_between_threads() {
     }
     device.join().unwrap();
     assert!(exits.wakeups() >= 1, "the pauses made the device side park");
+}
+
+#[test]
+fn the_producer_mode_is_recorded_in_the_header() {
+    let (p, c) = crate::channel::<ExitRecord>(8);
+    let mode = c.header().meta.producer_mode.load(Ordering::Relaxed);
+    let expected = if p.uses_membarrier() {
+        barrier::LIGHT
+    } else {
+        barrier::FENCED
+    };
+    assert_eq!(mode, expected);
+    // On Linux >= 4.16 without a seccomp filter (our hosts), registration succeeds.
+    assert!(
+        p.uses_membarrier(),
+        "membarrier registration failed on this host"
+    );
+}
+
+#[test]
+fn a_failed_membarrier_caps_every_park() {
+    let (p, mut c) = crate::channel::<ExitRecord>(8);
+    assert!(p.uses_membarrier());
+    crate::barrier::FAIL_BARRIER_FOR_TEST.set(true);
+    let out = c.wait_for_records(Duration::ZERO, Duration::from_millis(30));
+    crate::barrier::FAIL_BARRIER_FOR_TEST.set(false);
+    assert_eq!(out, Ok(WaitOutcome::TimedOut));
+    // 30 ms in slices of at most FALLBACK_PARK (1 ms), instead of PARK_SLICE (10 ms).
+    assert!(
+        c.fallback_parks() >= 5,
+        "fallback parks: {}",
+        c.fallback_parks()
+    );
+    assert_eq!(c.fallback_parks(), c.parks());
+    // With the barrier working, parks are not capped and not counted.
+    let (_p, mut c) = crate::channel::<ExitRecord>(8);
+    let out = c.wait_for_records(Duration::ZERO, Duration::from_millis(30));
+    assert_eq!(out, Ok(WaitOutcome::TimedOut));
+    assert_eq!(c.fallback_parks(), 0);
+    assert!(c.parks() <= 5, "parks: {}", c.parks());
+}
+
+#[test]
+fn a_woken_park_is_not_late() {
+    let (mut p, mut c) = crate::channel::<ExitRecord>(8);
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        tid_tx.send(gettid()).unwrap();
+        let out = c.wait_for_records(Duration::ZERO, Duration::from_secs(20));
+        (out, c.late_wakeups(), c.parks())
+    });
+    wait_until_parked(tid_rx.recv().unwrap());
+    p.try_push(rec(1)).unwrap();
+    let (out, late, parks) = t.join().unwrap();
+    assert_eq!(out, Ok(WaitOutcome::Ready { parked: true }));
+    assert!(parks >= 1);
+    assert_eq!(
+        late, 0,
+        "the publish woke the consumer; it did not wait for its timeout"
+    );
+}
+
+#[test]
+fn a_park_that_times_out_with_records_is_counted_late() {
+    let buf = Buf::new(ring_len());
+    let ring = formatted(&buf);
+    let mut c = ring.consumer().unwrap();
+    let mut p = ring.producer().unwrap();
+    // A producer that publishes but never wakes (as a stalled or broken peer would): write the
+    // slot and the tail directly, behind the protocol's back, while the consumer sleeps.
+    let t = std::thread::spawn(move || {
+        let out = c.wait_for_records(Duration::ZERO, Duration::from_secs(20));
+        (out, c.late_wakeups())
+    });
+    while p.header().wake.word.load(Ordering::Relaxed) != SLEEPING {
+        std::thread::yield_now();
+    }
+    std::thread::sleep(Duration::from_millis(2));
+    p.slot(0).with_mut(|s| {
+        // SAFETY: slot 0 is free; the consumer reads it only after seeing the tail below.
+        unsafe { s.write(rec(0)) }
+    });
+    p.header().tail.store(1, Ordering::Release);
+    let (out, late) = t.join().unwrap();
+    assert_eq!(out, Ok(WaitOutcome::Ready { parked: true }));
+    assert_eq!(late, 1);
+    p.tail = 1;
 }
