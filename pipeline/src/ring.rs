@@ -47,20 +47,32 @@
 //!    `SLEEPING` (checked atomically by the kernel).
 //!
 //! The producer, after every publish (the `tail` store):
-//! 1. `fence(SeqCst)`;
+//! 1. a store→load barrier (see below);
 //! 2. loads `wake`: only if it is `SLEEPING` does it `swap(AWAKE)` and, if it won that swap,
 //!    issue `FUTEX_WAKE`.
 //!
-//! Why the two `SeqCst` fences (and the only `SeqCst` in the ring): this is Dekker's pattern:
-//! each side stores one location then loads the other. Release/acquire do not order a store
-//! before a later load (x86 itself reorders exactly that through its store buffer), so without
-//! the fences both sides can miss each other: the consumer sees the old `tail` and sleeps while
-//! the producer sees the old `wake` and does not wake it, a lost wake-up. With the fences, one
-//! of them comes first in the single total order of `SeqCst` fences; if the consumer's does,
-//! the producer's load sees `SLEEPING` and wakes it; if the producer's does, the consumer's
-//! re-read sees the new `tail` and does not sleep. On x86-64 the producer's fence is one
-//! `lock or` (a few ns), paid once per publish, i.e. once per batch. `loom-tests/` checks the
-//! protocol (a lost wake-up shows as a deadlock there).
+//! Why the barriers (and the only `SeqCst` in the ring): this is Dekker's pattern: each side
+//! stores one location then loads the other. Release/acquire do not order a store before a
+//! later load (x86 itself reorders exactly that through its store buffer), so without a
+//! barrier on both sides they can miss each other: the consumer sees the old `tail` and sleeps
+//! while the producer sees the old `wake` and does not wake it, a lost wake-up. With a
+//! `SeqCst` fence on each side, one fence comes first in their single total order; if the
+//! consumer's does, the producer's load sees `SLEEPING` and wakes it; if the producer's does,
+//! the consumer's re-read sees the new `tail` and does not sleep. `loom-tests/` checks this (a
+//! lost wake-up shows as a deadlock there).
+//!
+//! The producer's fence, though, would be paid on every publish, and on x86 it waits for the
+//! store buffer to drain, including the `tail` line the consumer keeps reading: a cross-core
+//! round trip per record (measured: single-push throughput fell about fourfold). So the
+//! barrier is asymmetric (see `barrier.rs`): a producer whose process registered for
+//! `membarrier(2)` runs in *light* mode (recorded in the header) with only a compiler fence,
+//! and a consumer about to sleep on its ring calls `membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED)`
+//! between its fence and its re-read, which forces that barrier into the producer's thread
+//! wherever it is. That costs ~0.4 µs once per sleep, instead of a fence per record. Where
+//! `membarrier` is unavailable the producer fences every publish instead.
+//!
+//! A producer that drops its handle also wakes a parked consumer (same handshake, with the
+//! claim bit in place of the tail), so the consumer learns at once that nothing more will come.
 //!
 //! # Sharing between processes
 //!
