@@ -48,7 +48,7 @@ fn generate(rng: &mut XorShift, kind: FuzzDevice) -> Vec<u8> {
         let base = 0x1000 + 0x3000 * q;
         let n = size.min(16);
         for i in 0..n {
-            let addr = 0xa000 + rng.below(0x5000) as u64;
+            let addr = 0xa000 + rng.below(0x5000);
             let len = match rng.below(8) {
                 0 => 0,
                 1 => rng.next() as u32,
