@@ -119,6 +119,12 @@ pub struct Config {
     pub print_stats: bool,
     /// Pin vCPU threads to host CPUs.
     pub pin: bool,
+    /// Print latency histograms when the VM stops.
+    pub print_histograms: bool,
+    /// Trace every exit and write a Chrome trace / Perfetto JSON file here when the VM stops.
+    pub trace_file: Option<PathBuf>,
+    /// Write SVG plots (latency histogram, exit rate over time) into this directory.
+    pub plots_dir: Option<PathBuf>,
     /// Every configuration variable, as given.
     pub vars: BTreeMap<String, String>,
 }
@@ -150,6 +156,9 @@ Usage: bhyve [-AHPuw] [-c [cpus=]N] [-k config_file] [-l lpcdev[,conf]] [-m mems
         vmm.tunables=PATH    module tunables (loader.conf(5) format)
         test.devices=true    scratch devices for the project's test guests
         stats.print=true     print exit counters when the VM stops
+        stats.histograms=true  print exit latency histograms (p50/p99/p99.9/max) at the stop
+        stats.plots=DIR      write SVG plots: latency histogram, exit rate over time
+        trace.file=PATH      trace every exit; write Chrome trace / Perfetto JSON at the stop
         cpus.pin=false       do not pin vCPU threads to host CPUs
   -k  read key=value configuration variables from a file
   -A -H -P -u -w  accepted for compatibility (ACPI tables, HLT/PAUSE exits and UTC RTC are
@@ -443,6 +452,9 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
         tunables: None,
         print_stats: false,
         pin: true,
+        print_histograms: false,
+        trace_file: None,
+        plots_dir: None,
         vars: BTreeMap::new(),
     };
     let mut kernel = None;
@@ -510,6 +522,9 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
             "test.devices" => cfg.test_devices = parse_bool(k, v)?,
             "stats.print" => cfg.print_stats = parse_bool(k, v)?,
             "cpus.pin" => cfg.pin = parse_bool(k, v)?,
+            "stats.histograms" => cfg.print_histograms = parse_bool(k, v)?,
+            "trace.file" => cfg.trace_file = Some(PathBuf::from(v)),
+            "stats.plots" => cfg.plots_dir = Some(PathBuf::from(v)),
             "vmm.tunables" => cfg.tunables = Some(PathBuf::from(v)),
             // bhyve keys we accept and have no use for.
             "acpi_tables"

@@ -467,23 +467,9 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     }
     let run_cfg = RunConfig {
         pin: cfg.pin,
+        trace: cfg.trace_file.is_some(),
         ..RunConfig::default()
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher_stop = stop.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            if STOP.load(Ordering::Acquire) {
-                watcher_stop.store(true, Ordering::Release);
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        })
-        .map_err(|source| vcpu_runner::MachineError::Thread {
-            name: "signals".into(),
-            source,
-        })?;
     let timers_stop = Arc::new(AtomicBool::new(false));
     let timers = {
         let (pc, stop) = (pc.clone(), timers_stop.clone());
@@ -495,11 +481,91 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
                 source,
             })?
     };
-    let outcome = machine.run(entry, devices, requests.clone(), &run_cfg, stop);
+    let names = devices.names().to_vec();
+    let vm = Arc::new(machine.start(entry, devices, requests.clone(), &run_cfg)?);
+    // Signals stop the VM from the host.
+    {
+        let flag = vm.stop_flag();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Acquire) {
+                    if STOP.load(Ordering::Acquire) {
+                        flag.store(true, Ordering::Release);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            })
+            .map_err(|source| vcpu_runner::MachineError::Thread {
+                name: "signals".into(),
+                source,
+            })?;
+    }
+    // Exit rates over time, for the plots.
+    let sampler = cfg.plots_dir.as_ref().map(|_| {
+        let (vm, done) = (vm.clone(), Arc::new(AtomicBool::new(false)));
+        let d2 = done.clone();
+        let h = std::thread::spawn(move || {
+            let mut rates = perf::RateSampler::new(100_000);
+            let t0 = Instant::now();
+            while !d2.load(Ordering::Acquire) {
+                let counters: Vec<(String, u64)> = vm
+                    .vcpu_stats()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        (
+                            format!("vcpu{i}"),
+                            s.get(vcpu_runner::stats::Stat::VmExitTotal),
+                        )
+                    })
+                    .collect();
+                rates.sample(t0.elapsed(), &counters);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            rates
+        });
+        (done, h)
+    });
+    let outcome = vm
+        .wait()
+        .ok_or_else(|| VmError::Platform("the VM was already waited for".into()));
+    vm.stop_flag().store(true, Ordering::Release);
     timers_stop.store(true, Ordering::Release);
     pc.notify_timers();
     let _ = timers.join();
     let outcome = outcome?;
+    let rates = sampler.and_then(|(done, h)| {
+        done.store(true, Ordering::Release);
+        h.join().ok()
+    });
+    if let Some(path) = &cfg.trace_file {
+        let (events, dropped) = vm.take_trace();
+        let meta = perf::TraceMeta {
+            pid: std::process::id(),
+            vm_name: &cfg.name,
+            owners: &names,
+        };
+        let written = std::fs::File::create(path).and_then(|f| {
+            let mut w = std::io::BufWriter::new(f);
+            perf::write_chrome_trace(&mut w, &events, vm.clock(), &meta)?;
+            w.flush()
+        });
+        match written {
+            Ok(()) => eprintln!(
+                "bhyve: trace of {} exits written to {} ({dropped} dropped)",
+                events.len(),
+                path.display()
+            ),
+            Err(e) => eprintln!("bhyve: cannot write trace {}: {e}", path.display()),
+        }
+    }
+    if let (Some(dir), Some(rates)) = (&cfg.plots_dir, rates) {
+        write_plots(dir, &outcome, &rates, vm.ncpus());
+    }
+    if cfg.print_histograms {
+        eprint!("{}", perf::histograms_text(&outcome.histograms));
+    }
     let _ = std::io::stdout().flush();
     if cfg.print_stats {
         print_stats(&outcome, requests.boot_done());
@@ -525,6 +591,41 @@ fn proc_status_kib(field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// Writes the latency histogram and the exit-rate plot as SVG into `dir`.
+fn write_plots(dir: &Path, o: &vcpu_runner::RunOutcome, rates: &perf::RateSampler, ncpus: u32) {
+    let exit = o.histograms.total(perf::Phase::Exit);
+    let series: Vec<(String, Vec<(f64, f64)>)> = (0..ncpus)
+        .map(|i| {
+            let n = format!("vcpu{i}");
+            let s = rates.series(&n);
+            (n, s)
+        })
+        .collect();
+    let refs: Vec<(&str, &[(f64, f64)])> = series
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let files = [
+        (
+            "exit-latency.svg",
+            perf::plot_histogram_svg(&exit, "exit to re-entry (all exits)"),
+        ),
+        (
+            "exit-rate.svg",
+            perf::plot_rates_svg(&refs, "exits per second"),
+        ),
+    ];
+    let made = std::fs::create_dir_all(dir).and_then(|()| {
+        files
+            .iter()
+            .try_for_each(|(name, svg)| std::fs::write(dir.join(name), svg))
+    });
+    match made {
+        Ok(()) => eprintln!("bhyve: plots written to {}", dir.display()),
+        Err(e) => eprintln!("bhyve: cannot write plots into {}: {e}", dir.display()),
+    }
 }
 
 fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>) {

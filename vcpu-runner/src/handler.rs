@@ -15,6 +15,7 @@ use stages::{Bus, BusDevice, DeviceId, EoiSink, Space, Stage, VmRequest, VmReque
 use crate::backend::VmExit;
 use crate::ratelimit::RateLimit;
 use crate::stats::{Stat, VcpuStats};
+use perf::{ExitClass, StageClass, VcpuProbe, NO_OWNER};
 
 /// `ExitRecord::flags`: the vCPU did not wait for this record.
 pub const FLAG_POSTED: u32 = pipeline::ExitFlags::POSTED.bits();
@@ -99,6 +100,8 @@ pub struct ExitHandler<S: SlowPath> {
     stats: Arc<VcpuStats>,
     unclaimed_log: RateLimit,
     error_log: RateLimit,
+    /// Latency histograms and the trace writer of this vCPU.
+    probe: VcpuProbe,
 }
 
 impl<S: SlowPath> std::fmt::Debug for ExitHandler<S> {
@@ -112,7 +115,13 @@ impl<S: SlowPath> std::fmt::Debug for ExitHandler<S> {
 
 impl<S: SlowPath> ExitHandler<S> {
     /// The handler of vCPU `vcpu`.
-    pub fn new(vcpu: u32, platform: Arc<Platform>, slow: S, stats: Arc<VcpuStats>) -> Self {
+    pub fn new(
+        vcpu: u32,
+        platform: Arc<Platform>,
+        slow: S,
+        stats: Arc<VcpuStats>,
+        probe: VcpuProbe,
+    ) -> Self {
         Self {
             vcpu,
             platform,
@@ -121,7 +130,14 @@ impl<S: SlowPath> ExitHandler<S> {
             stats,
             unclaimed_log: RateLimit::new(10, Duration::from_secs(1)),
             error_log: RateLimit::new(10, Duration::from_secs(1)),
+            probe,
         }
+    }
+
+    /// The latency probe (the run loop calls it around `Vcpu::run`).
+    #[inline]
+    pub fn probe(&mut self) -> &mut VcpuProbe {
+        &mut self.probe
     }
 
     /// The counters this handler increments.
@@ -156,16 +172,22 @@ impl<S: SlowPath> ExitHandler<S> {
                 self.write(Space::Mmio, addr, data)
             }
             VmExit::Hlt => {
+                self.probe
+                    .classify(ExitClass::Hlt, StageClass::Loop, NO_OWNER);
                 // Only without an in-kernel LAPIC: a HLT that reaches us halts the VM (bhyve's
                 // halt detection with one vCPU).
                 self.stats.inc(Stat::VmExitHlt);
                 Action::Stop(VmRequest::Halt)
             }
             VmExit::Shutdown => {
+                self.probe
+                    .classify(ExitClass::Shutdown, StageClass::Loop, NO_OWNER);
                 self.stats.inc(Stat::VmExitShutdown);
                 Action::Stop(VmRequest::TripleFault)
             }
             VmExit::IoapicEoi { vector } => {
+                self.probe
+                    .classify(ExitClass::IoapicEoi, StageClass::Loop, NO_OWNER);
                 self.stats.inc(Stat::VmExitIoapicEoi);
                 if let Some(sink) = &self.platform.eoi {
                     sink.eoi(vector);
@@ -173,6 +195,8 @@ impl<S: SlowPath> ExitHandler<S> {
                 Action::Continue
             }
             VmExit::Interrupted => {
+                self.probe
+                    .classify(ExitClass::Kick, StageClass::Loop, NO_OWNER);
                 self.stats.inc(Stat::VmExitIntr);
                 Action::Continue
             }
@@ -218,13 +242,19 @@ impl<S: SlowPath> ExitHandler<S> {
     fn read(&mut self, space: Space, addr: u64, data: &mut [u8]) -> Action {
         // Fill before dispatch: a device that ignores a register leaves all-ones, like an unclaimed read.
         fill_unclaimed(data);
+        let class = match space {
+            Space::Pio => ExitClass::PioRead,
+            Space::Mmio => ExitClass::MmioRead,
+        };
         let Some(route) = self.platform.bus.route(space, addr) else {
+            self.probe.classify(class, StageClass::Unclaimed, NO_OWNER);
             self.stats.inc(Stat::UnclaimedRead);
             self.log_unclaimed("read", space, addr, data.len());
             return Action::Continue;
         };
         match route.stage {
             Stage::Fast => {
+                self.probe.classify(class, StageClass::Fast, route.device.0);
                 self.stats.inc(Stat::FastStage);
                 if let Some(dev) = self.fast_device(route.device) {
                     lock(dev).read(route.offset, data);
@@ -232,6 +262,8 @@ impl<S: SlowPath> ExitHandler<S> {
                 Action::Continue
             }
             Stage::Slow => {
+                self.probe
+                    .classify(class, StageClass::SlowWaited, route.device.0);
                 self.stats.inc(Stat::SlowWaited);
                 let kind = match space {
                     Space::Pio => ExitKind::PioRead,
@@ -239,6 +271,7 @@ impl<S: SlowPath> ExitHandler<S> {
                 };
                 let rec = self.record(kind, addr, route.offset, route.device, 0, data.len());
                 let seq = rec.seq;
+                self.probe.ring_posted();
                 let result = self.slow.post(rec).and_then(|waited| {
                     if waited {
                         self.stats.inc(Stat::RingFull);
@@ -275,13 +308,19 @@ impl<S: SlowPath> ExitHandler<S> {
     }
 
     fn write(&mut self, space: Space, addr: u64, data: &[u8]) -> Action {
+        let class = match space {
+            Space::Pio => ExitClass::PioWrite,
+            Space::Mmio => ExitClass::MmioWrite,
+        };
         let Some(route) = self.platform.bus.route(space, addr) else {
+            self.probe.classify(class, StageClass::Unclaimed, NO_OWNER);
             self.stats.inc(Stat::UnclaimedWrite);
             self.log_unclaimed("write", space, addr, data.len());
             return Action::Continue;
         };
         match route.stage {
             Stage::Fast => {
+                self.probe.classify(class, StageClass::Fast, route.device.0);
                 self.stats.inc(Stat::FastStage);
                 if let Some(dev) = self.fast_device(route.device) {
                     lock(dev).write(route.offset, data);
@@ -289,6 +328,8 @@ impl<S: SlowPath> ExitHandler<S> {
                 Action::Continue
             }
             Stage::Slow => {
+                self.probe
+                    .classify(class, StageClass::SlowPosted, route.device.0);
                 self.stats.inc(Stat::SlowPosted);
                 let kind = match space {
                     Space::Pio => ExitKind::PioWrite,
@@ -451,7 +492,13 @@ mod tests {
             requests: Arc::new(VmRequests::new()),
             eoi: Some(eoi.clone()),
         });
-        let h = ExitHandler::new(0, platform, slow, Arc::new(VcpuStats::default()));
+        let probe = VcpuProbe::new(
+            0,
+            perf::Clock::new(),
+            Arc::new(perf::HistogramSet::new()),
+            None,
+        );
+        let h = ExitHandler::new(0, platform, slow, Arc::new(VcpuStats::default()), probe);
         (h, fast, eoi)
     }
 

@@ -164,6 +164,12 @@ pub struct RunConfig {
     /// bhyve's `hw.vmm.halt_detection`: when every vCPU is halted with interrupts off (nothing can
     /// ever wake it), the VM stops with the halt status.
     pub halt_detection: bool,
+    /// Events per vCPU trace ring (power of two); drained by the waiting thread every 20 ms.
+    pub trace_capacity: u32,
+    /// Most trace events kept in memory; further ones are counted and dropped.
+    pub trace_max_events: usize,
+    /// Start with tracing on.
+    pub trace: bool,
 }
 
 impl Default for RunConfig {
@@ -176,6 +182,9 @@ impl Default for RunConfig {
             completion_timeout: Duration::from_secs(2),
             control_timeout: Duration::from_secs(2),
             halt_detection: true,
+            trace_capacity: 1 << 15,
+            trace_max_events: 1 << 21,
+            trace: false,
         }
     }
 }
@@ -214,6 +223,8 @@ pub struct RunOutcome {
     pub elapsed: Duration,
     /// Problems met while stopping (suspected deadlocks), if any.
     pub stop_problems: Vec<String>,
+    /// Per-vCPU latency histograms, merged.
+    pub histograms: perf::SetSnapshot,
     /// Bytes of guest memory resident in the host at the stop (what the guest and the loader
     /// touched), from mincore(2); `None` if it could not be measured.
     pub guest_resident: Option<u64>,
@@ -425,6 +436,13 @@ where
         let mut slow_threads = Vec::with_capacity(n);
         let mut vcpu_stats = Vec::with_capacity(n);
         let mut slow_stats = Vec::with_capacity(n);
+        let clock = *perf::Clock::global();
+        let (trace_switch, trace_writers, trace_collector) =
+            perf::trace_rings(self.ncpus, cfg.trace_capacity)
+                .map_err(|e| MachineError::Rings(format!("trace rings: {e}")))?;
+        trace_switch.set(cfg.trace);
+        let mut trace_writers = trace_writers.into_iter();
+        let mut histograms = Vec::with_capacity(n);
         let segments = self
             .memory
             .iter()
@@ -481,6 +499,9 @@ where
                 timeout: cfg.completion_timeout,
                 stopping: stopping.clone(),
             };
+            let hist = Arc::new(perf::HistogramSet::new());
+            histograms.push(hist.clone());
+            let probe = perf::VcpuProbe::new(i, clock, hist, trace_writers.next());
             let vm = self.vm.clone();
             let platform = platform.clone();
             let done = done_tx.clone();
@@ -499,7 +520,7 @@ where
                             if let Some(e) = entry {
                                 vcpu.set_entry(&e)?;
                             }
-                            let mut handler = ExitHandler::new(i, platform, slow, stats);
+                            let mut handler = ExitHandler::new(i, platform, slow, stats, probe);
                             Ok::<_, BackendError>(run_vcpu(&mut vcpu, &mut handler, &control))
                         })()
                         .unwrap_or_else(|e| VcpuOutcome::Error(format!("vCPU {i}: {e}")));
@@ -510,6 +531,15 @@ where
         }
         drop(done_tx);
         Ok(RunningVm {
+            clock,
+            histograms,
+            trace_switch,
+            trace: Mutex::new(TraceStore {
+                collector: trace_collector,
+                events: Vec::new(),
+                max: cfg.trace_max_events,
+                dropped: 0,
+            }),
             _rings: shm,
             vm: self.vm,
             memory: Mutex::new(Some(self.memory)),
@@ -533,6 +563,28 @@ where
     }
 }
 
+/// Trace events collected so far (bounded).
+struct TraceStore {
+    collector: perf::TraceCollector,
+    events: Vec<perf::TraceEvent>,
+    max: usize,
+    dropped: u64,
+}
+
+impl TraceStore {
+    fn drain(&mut self) {
+        let mut batch = Vec::new();
+        // A corrupt trace ring only costs its events.
+        let _ = self.collector.drain(&mut batch);
+        let room = self.max.saturating_sub(self.events.len());
+        if batch.len() > room {
+            self.dropped += u64::try_from(batch.len() - room).unwrap_or(u64::MAX);
+            batch.truncate(room);
+        }
+        self.events.extend(batch);
+    }
+}
+
 /// The threads of a running VM, owned by whoever calls [`RunningVm::wait`].
 struct Threads {
     done_rx: mpsc::Receiver<(u32, VcpuOutcome)>,
@@ -543,6 +595,10 @@ struct Threads {
 /// A running VM: what control requests (bhyvectl, signals) act on. Shareable (`Arc`); one thread
 /// calls [`RunningVm::wait`].
 pub struct RunningVm<H: Hypervisor> {
+    clock: perf::Clock,
+    histograms: Vec<Arc<perf::HistogramSet>>,
+    trace_switch: perf::TraceSwitch,
+    trace: Mutex<TraceStore>,
     /// The ring set's memory (every ring handle also keeps it mapped).
     _rings: SharedRegion,
     vm: Arc<H::Vm>,
@@ -587,6 +643,32 @@ impl<H: Hypervisor> RunningVm<H> {
     /// Live per device-model thread counters.
     pub fn slow_stats(&self) -> &[Arc<SlowStats>] {
         &self.slow_stats
+    }
+
+    /// The clock the latency histograms and trace events use.
+    pub fn clock(&self) -> &perf::Clock {
+        &self.clock
+    }
+
+    /// Live per-vCPU latency histograms.
+    pub fn histograms(&self) -> &[Arc<perf::HistogramSet>] {
+        &self.histograms
+    }
+
+    /// Turns exit tracing on or off at run time.
+    pub fn set_tracing(&self, on: bool) {
+        self.trace_switch.set(on);
+    }
+
+    /// Takes the trace events collected so far (sorted by time), and how many were dropped (rings
+    /// full, or over the in-memory bound).
+    pub fn take_trace(&self) -> (Vec<perf::TraceEvent>, u64) {
+        let mut t = lock(&self.trace);
+        t.drain();
+        let mut events = std::mem::take(&mut t.events);
+        perf::sort_by_time(&mut events);
+        let dropped = t.dropped + t.collector.dropped();
+        (events, dropped)
     }
 
     /// Guest memory segments: (guest-physical address, length).
@@ -677,6 +759,9 @@ impl<H: Hypervisor> RunningVm<H> {
                     if self.stop.load(Ordering::Acquire) {
                         break None;
                     }
+                    if self.trace_switch.is_enabled() {
+                        lock(&self.trace).drain();
+                    }
                     // A device on the slow side may have asked (a vCPU notices on its next exit;
                     // kick so a vCPU halted in the kernel notices too).
                     if self.requests.pending().is_some() {
@@ -765,6 +850,13 @@ impl<H: Hypervisor> RunningVm<H> {
             slow_stats: self.slow_stats.clone(),
             elapsed,
             stop_problems: problems,
+            histograms: {
+                let mut all = perf::SetSnapshot::default();
+                for h in &self.histograms {
+                    all.merge(&h.snapshot());
+                }
+                all
+            },
             guest_resident,
         })
     }

@@ -88,8 +88,18 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
             }
             RunState::Stopping => break VcpuOutcome::Stopped,
         }
-        let action = match vcpu.run() {
-            Ok(VmExit::Interrupted) => None,
+        handler.probe().enter();
+        let result = vcpu.run();
+        handler.probe().exited();
+        let action = match result {
+            Ok(VmExit::Interrupted) => {
+                handler.probe().classify(
+                    perf::ExitClass::Kick,
+                    perf::StageClass::Loop,
+                    perf::NO_OWNER,
+                );
+                None
+            }
             Ok(exit) => Some(handler.handle(exit)),
             Err(e) => Some(Action::Fail(format!("vCPU {}: {e}", control.id()))),
         };
@@ -107,6 +117,7 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
             Some(Action::Fail(m)) => break VcpuOutcome::Error(m),
         }
     };
+    handler.probe().finish();
     control.ack(RunState::Stopping);
     control.clear_thread();
     outcome
