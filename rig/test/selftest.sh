@@ -3,7 +3,7 @@
 # time) and checks what a user sees: the exit status and the "FAILED step=" line.
 #
 #   rig/test/selftest.sh [CASE...]     cases: bhyve-pass marker-missing module-load
-#                                      payload-timeout (default: all, ~2 minutes cached)
+#                                      guest-timeout payload-timeout (default: all, ~2.5 min cached)
 # Prints "N passed, M failed"; exit status 0 only if every case passed.
 set -euo pipefail
 
@@ -41,7 +41,7 @@ check() {
 }
 
 cases=("$@")
-((${#cases[@]})) || cases=(bhyve-pass marker-missing module-load payload-timeout)
+((${#cases[@]})) || cases=(bhyve-pass marker-missing module-load guest-timeout payload-timeout)
 for c in "${cases[@]}"; do
     case $c in
         # The --bhyve payload end to end, with a stand-in that boots the guest
@@ -52,6 +52,8 @@ for c in "${cases[@]}"; do
             --guest-append 'rdinit=/nonexistent init=/nonexistent' ;;
         # An outer CPU without SVM: kvm_amd does not load (21).
         module-load) check "$c" 21 module-load -- --payload "$here/payload-true" --l1-cpu qemu64,-svm ;;
+        # An inner VMM that ignores SIGTERM: killed, reported as a guest timeout (24).
+        guest-timeout) check "$c" 24 guest-timeout -- --payload "$here/payload-hang" ;;
         # The outer VM's limit hits while the payload runs (26).
         payload-timeout) check "$c" 26 payload-timeout -- --payload "$here/payload-sleep" --timeout 25 ;;
         *) echo "selftest: unknown case '$c'" >&2; exit 2 ;;
