@@ -736,8 +736,14 @@ impl VirtioPciDevice {
             return;
         }
         let old = self.signals.status();
-        // NEEDS_RESET is the device's bit: the driver cannot set or clear it.
-        let v = (v & !status::NEEDS_RESET) | (old & status::NEEDS_RESET);
+        // NEEDS_RESET is the device's bit: the driver cannot set or clear it. Undefined bits
+        // (4, 5) are dropped.
+        let defined = status::ACKNOWLEDGE
+            | status::DRIVER
+            | status::DRIVER_OK
+            | status::FEATURES_OK
+            | status::FAILED;
+        let v = (v & defined) | (old & status::NEEDS_RESET);
         if old & !v != 0 {
             VirtioStats::inc(&self.signals.stats.status_violations);
             self.signals.log.log(format_args!(
