@@ -509,6 +509,9 @@ fn requests_are_answered_one_at_a_time_in_order() {
         Reply::decode(b.command, &p).unwrap(),
         Reply::MemorySegments(vec![(0, 512 << 20), (1 << 32, 512 << 20)])
     );
+    assert_eq!(counter(&s.vmm, "requests"), 2);
+    assert_eq!(counter(&s.vmm, "connections"), 1);
+    assert_eq!(counter(&s.vmm, "refused"), 0);
 }
 
 #[test]
