@@ -1,6 +1,7 @@
 //! `bhyve`: the bhyve(8)-style front end. Parses the command line, builds the VM, runs it, and exits
 //! with bhyve's status: 0 reboot, 1 power-off, 2 halt, 3 triple fault, 4 error.
 
+mod control;
 mod opts;
 mod vm;
 

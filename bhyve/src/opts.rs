@@ -115,6 +115,9 @@ pub struct Config {
     pub test_devices: bool,
     /// Module tunables file (loader.conf(5) format).
     pub tunables: Option<PathBuf>,
+    /// Where the module puts control sockets (`NAME` per VM): `vmm.socket_dir`, else
+    /// `$BHYVE_RS_SOCKET_DIR`, else /run/bhyve-rs.
+    pub socket_dir: PathBuf,
     /// Print exit statistics on stop.
     pub print_stats: bool,
     /// Pin vCPU threads to host CPUs.
@@ -153,7 +156,10 @@ Usage: bhyve [-AHPuw] [-c [cpus=]N] [-k config_file] [-l lpcdev[,conf]] [-m mems
         boot.initrd=PATH     initramfs (Linux/PVH) or first module (Multiboot)
         boot.cmdline=STRING  kernel command line
         boot.protocol=P      auto (default), linux, pvh or multiboot
-        vmm.tunables=PATH    module tunables (loader.conf(5) format)
+        vmm.tunables=PATH    module tunables (loader.conf(5) format: hw.vmm.maxcpu,
+                             hw.vmm.halt_detection, pptdevs)
+        vmm.socket_dir=DIR   control sockets (default $BHYVE_RS_SOCKET_DIR or /run/bhyve-rs);
+                             bhyvectl --vm=NAME talks to DIR/NAME
         test.devices=true    scratch devices for the project's test guests
         stats.print=true     print exit counters when the VM stops
         stats.histograms=true  print exit latency histograms (p50/p99/p99.9/max) at the stop
@@ -450,6 +456,9 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
         protocol: BootProtocol::Auto,
         test_devices: false,
         tunables: None,
+        socket_dir: std::env::var_os("BHYVE_RS_SOCKET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run/bhyve-rs")),
         print_stats: false,
         pin: true,
         print_histograms: false,
@@ -526,6 +535,7 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
             "trace.file" => cfg.trace_file = Some(PathBuf::from(v)),
             "stats.plots" => cfg.plots_dir = Some(PathBuf::from(v)),
             "vmm.tunables" => cfg.tunables = Some(PathBuf::from(v)),
+            "vmm.socket_dir" => cfg.socket_dir = PathBuf::from(v),
             // bhyve keys we accept and have no use for.
             "acpi_tables"
             | "x86.strictmsr"

@@ -17,7 +17,6 @@ use stages::models::uart::{Uart, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_
 use stages::pc::{MsiFn, MsiRoute, PcConfig, PcPlatform};
 use stages::BusDevice;
 use stages::{Space, Stage, VmRequests};
-use vcpu_runner::machine::host_cpus;
 use vcpu_runner::{
     DescriptorTable, Devices, EntryRegs, Hypervisor, KvmHypervisor, Machine, RunConfig, Segment, Vm,
 };
@@ -47,14 +46,9 @@ pub enum VmError {
         #[source]
         source: loader::LoaderError,
     },
-    /// More vCPUs than allowed.
-    #[error("{requested} vCPUs requested but only {available} available")]
-    TooManyCpus {
-        /// Asked for.
-        requested: u32,
-        /// hw.vmm.maxcpu.
-        available: u32,
-    },
+    /// The module refused (tunables, capabilities, hw.vmm.maxcpu, the VM's name).
+    #[error("{0}")]
+    Module(#[from] kmod::VmmError),
     /// Memory that cannot be had.
     #[error("Guest memory of {asked} MiB (-m) cannot be had: {why}")]
     Memory {
@@ -287,13 +281,21 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         Some(p) => Some(read_file("initrd", p)?),
         None => None,
     };
-    let maxcpu = u32::try_from(host_cpus()).unwrap_or(1);
-    if cfg.cpus > maxcpu {
-        return Err(VmError::TooManyCpus {
-            requested: cfg.cpus,
-            available: maxcpu,
-        });
+    let hv = KvmHypervisor::open()?;
+    // kldload vmm: the module, embedded in this process (bhyve(8) on a host where vmm.ko is
+    // loaded). It checks the backend, reads the tunables, reserves pptdevs, and gives the VM its
+    // name and its control socket.
+    let mut load = kmod::LoadOptions::new(hv.capabilities().clone());
+    load.tunables = cfg.tunables.clone();
+    load.socket_dir = cfg.socket_dir.clone();
+    load.module_socket = false;
+    let (vmm, diagnostics) = kmod::Vmm::load(load)?;
+    for d in &diagnostics {
+        if !matches!(d, kmod::Diagnostic::Virtualization(_)) {
+            eprintln!("bhyve: vmm: {d}");
+        }
     }
+    vmm.create_vm(&cfg.name, cfg.cpus)?;
     let mib = cfg.memory >> 20;
     if let Some(host) = host_memory() {
         if cfg.memory > host {
@@ -310,7 +312,6 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         asked: mib,
         why: e.to_string(),
     })?;
-    let hv = KvmHypervisor::open()?;
     let machine = Machine::new(
         &hv,
         &layout.ram_ranges(),
@@ -468,6 +469,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     let run_cfg = RunConfig {
         pin: cfg.pin,
         trace: cfg.trace_file.is_some(),
+        halt_detection: vmm.tunables().halt_detection,
         ..RunConfig::default()
     };
     let timers_stop = Arc::new(AtomicBool::new(false));
@@ -483,6 +485,14 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     };
     let names = devices.names().to_vec();
     let vm = Arc::new(machine.start(entry, devices, requests.clone(), &run_cfg)?);
+    // bhyvectl --vm=NAME reaches the running VM from now on.
+    let target = Arc::new(crate::control::VmTarget {
+        vm: vm.clone(),
+        pc: pc.clone(),
+    });
+    if let Err(e) = vmm.attach(&cfg.name, target) {
+        eprintln!("bhyve: control socket for {}: {e}", cfg.name);
+    }
     // Signals stop the VM from the host.
     {
         let flag = vm.stop_flag();
@@ -535,6 +545,14 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     pc.notify_timers();
     let _ = timers.join();
     let outcome = outcome?;
+    // Destroy the VM and unload the module (its control socket goes away).
+    let _ = vmm.detach(&cfg.name);
+    if let Err(e) = vmm.destroy_vm(&cfg.name) {
+        eprintln!("bhyve: destroying {}: {e}", cfg.name);
+    }
+    if let Err((_, e)) = vmm.unload() {
+        eprintln!("bhyve: unloading the module: {e}");
+    }
     let rates = sampler.and_then(|(done, h)| {
         done.store(true, Ordering::Release);
         h.join().ok()

@@ -31,7 +31,7 @@ fn run(guest: &str, extra: &[&str]) -> Output {
         .arg("-o")
         .arg(format!("boot.kernel={}", img.display()))
         .args(extra)
-        .arg(guest)
+        .arg(vm_name(guest))
         .stdin(Stdio::null());
     let out = cmd.output().expect("run bhyve");
     eprintln!(
@@ -41,6 +41,11 @@ fn run(guest: &str, extra: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// A VM name unique to this test process (names are unique per module, and tests run in parallel).
+fn vm_name(base: &str) -> String {
+    format!("{base}-{}", std::process::id())
 }
 
 fn stdout(o: &Output) -> String {
@@ -115,7 +120,7 @@ fn a_failing_guest_check_is_reported_by_its_status() {
     let o = Command::new(bhyve())
         .args(["-l", "com1,stdio", "-o"])
         .arg(format!("boot.kernel={}", img.display()))
-        .args(["-o", "boot.cmdline=n=10", "nodev"])
+        .args(["-o", "boot.cmdline=n=10", &vm_name("nodev")])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(guests::STATUS_FAIL));
@@ -138,7 +143,7 @@ fn hammering_unclaimed_io_for_ten_seconds_leaves_the_monitor_responsive_and_flat
     let mut child = Command::new(bhyve())
         .args(["-l", "com1,stdio", "-o"])
         .arg(format!("boot.kernel={}", img.display()))
-        .args(["-o", "boot.cmdline=n=0", "hammer"])
+        .args(["-o", "boot.cmdline=n=0", &vm_name("hammer")])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -228,7 +233,7 @@ fn console_to_a_file() {
         .arg(format!("com1,file={}", log.display()))
         .arg("-o")
         .arg(format!("boot.kernel={}", d.join("hello.elf").display()))
-        .arg("tofile")
+        .arg(vm_name("tofile"))
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(guests::STATUS_OK));

@@ -37,7 +37,8 @@ fn known_exit_mix_counters_trace_and_plots() {
         .arg(format!("trace.file={}", trace.display()))
         .arg("-o")
         .arg(format!("stats.plots={}", plots.display()))
-        .args(["-o", "stats.histograms=true", "mix"])
+        .args(["-o", "stats.histograms=true"])
+        .arg(format!("mix-{}", std::process::id()))
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);

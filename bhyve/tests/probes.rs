@@ -27,7 +27,8 @@ fn probe(kernel: &str, protocol: &str, mem: &str, cmdline: &str) -> Vec<String> 
         .arg("-o")
         .arg(format!("boot.initrd={}", d.join("initrd.bin").display()))
         .args(["-o", &format!("boot.protocol={protocol}")])
-        .args(["-o", &format!("boot.cmdline={cmdline}"), "probe"])
+        .args(["-o", &format!("boot.cmdline={cmdline}")])
+        .arg(format!("{protocol}-{}", std::process::id()))
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
