@@ -52,13 +52,15 @@
 //!
 //! 1. a bus adapter's own mutex (taken by the exit handler around `read`/`write`; never by us);
 //! 2. `routes` (the KVM route table mirror), taken after an I/O APIC write with nothing else held;
-//! 3. `wake.state` (the timer thread's sleep), held by the timer thread while it scans deadlines;
-//!    adapters take it only after releasing their device;
-//! 4. one timer device: `pit`, `hpet`, `rtc` or `pmtimer` (never two at once);
-//! 5. `irqchip` (PIC pair, ELCR and I/O APIC together: the router needs both);
-//! 6. the `msi` closure runs with `irqchip` held and must not call back into the platform.
+//! 3. one timer device: `pit`, `hpet`, `rtc` or `pmtimer` (never two at once);
+//! 4. `irqchip` (PIC pair, ELCR and I/O APIC together: the router needs both);
+//! 5. the `msi` closure runs with `irqchip` held and must not call back into the platform.
 //!
-//! `pci` is a leaf taken alone. The route sink runs with `routes` held (and nothing else).
+//! Never the reverse: nothing holding `irqchip` takes a timer device, nothing holding a timer
+//! device takes `routes`. `pci` is a leaf taken alone; the route sink runs with `routes` held and
+//! nothing else. `wake.state` (the timer thread's sleep) is a leaf too: the timer thread holds it
+//! only to scan the published deadlines (atomics) and to sleep, adapters take it only after
+//! releasing their device.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -348,6 +350,10 @@ enum TimerId {
 const TIMERS: [TimerId; 4] = [TimerId::Pit, TimerId::Hpet, TimerId::Rtc, TimerId::PmTimer];
 
 impl TimerId {
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn source(self) -> Source {
         match self {
             TimerId::Pit => Source::Pit,
@@ -512,6 +518,10 @@ pub struct PcPlatform {
     route_sink: OnceLock<RouteSink>,
     routes: Mutex<RouteState>,
     wake: TimerWake,
+    /// Each timer device's next deadline (host ns, `u64::MAX` for none), stored with the device's
+    /// lock held whenever it may have changed: the timer thread reads these without locking the
+    /// devices, and locks only the ones that are due.
+    deadlines: [AtomicU64; 4],
     stats: PcStats,
 }
 
@@ -542,7 +552,7 @@ impl PcPlatform {
         // Two functions in a registry of eight cannot fail; an empty bus would be the fallback.
         let pci: PciConfigIo<BuiltinPciFunction, PCI_FUNCTIONS> =
             standard_config_io().unwrap_or_default();
-        Arc::new(PcPlatform {
+        let pc = Arc::new(PcPlatform {
             cfg,
             clock,
             msi,
@@ -564,8 +574,13 @@ impl PcPlatform {
             route_sink: OnceLock::new(),
             routes: Mutex::new(RouteState::default()),
             wake: TimerWake::default(),
+            deadlines: [const { AtomicU64::new(u64::MAX) }; 4],
             stats: PcStats::default(),
-        })
+        });
+        for id in TIMERS {
+            pc.with_timer(id, |dev| pc.publish(id, dev.next_deadline_ns()));
+        }
+        pc
     }
 
     /// The configuration.
@@ -660,7 +675,12 @@ impl PcPlatform {
 
     /// TMR_STS: the PM timer's top bit toggled since the status was last cleared.
     pub fn pm_timer_status(&self) -> bool {
-        lock(&self.pmtimer).timer_status()
+        let mut pm = lock(&self.pmtimer);
+        let status = pm.timer_status();
+        let next = self.service(TimerId::PmTimer, &mut *pm, self.clock.now_ns());
+        drop(pm);
+        self.kick_timers(next);
+        status
     }
 
     /// Clear TMR_STS (the guest wrote 1 to PM1_STS bit 0).
@@ -678,20 +698,44 @@ impl PcPlatform {
         self.wake.cv.notify_all();
     }
 
-    /// Polls `dev` if it is due at `now` (routing what it drives through the irqchip); returns its
-    /// next deadline. Called with `dev`'s lock held.
+    /// Polls `dev` if it is due at `now` (routing what it drives through the irqchip); publishes
+    /// and returns its next deadline. Called with `dev`'s lock held, after every access to it.
     fn service(&self, id: TimerId, dev: &mut dyn TimerDevice, now: u64) -> Option<u64> {
-        if due(dev.next_deadline_ns(), now) {
-            let mut chip = lock(&self.irqchip);
-            let mut sink = SourceSink {
-                chip: &mut chip,
-                source: id.source(),
-                msi: MsiOut { pc: self },
-            };
-            dev.poll(now, &mut sink);
+        if self.poll_if_due(id, dev, now) {
             PcStats::inc(&self.stats.access_polls);
         }
-        dev.next_deadline_ns()
+        let next = dev.next_deadline_ns();
+        self.publish(id, next);
+        next
+    }
+
+    /// Polls `dev` if its deadline has passed at `now`; returns whether it did.
+    fn poll_if_due(&self, id: TimerId, dev: &mut dyn TimerDevice, now: u64) -> bool {
+        if !due(dev.next_deadline_ns(), now) {
+            return false;
+        }
+        let mut chip = lock(&self.irqchip);
+        let mut sink = SourceSink {
+            chip: &mut chip,
+            source: id.source(),
+            msi: MsiOut { pc: self },
+        };
+        dev.poll(now, &mut sink);
+        true
+    }
+
+    /// Records `id`'s next deadline for the timer thread (with the device's lock held).
+    fn publish(&self, id: TimerId, next: Option<u64>) {
+        if let Some(slot) = self.deadlines.get(id.index()) {
+            slot.store(next.unwrap_or(u64::MAX), Ordering::SeqCst);
+        }
+    }
+
+    /// The published deadline of `id` (`u64::MAX` for none).
+    fn published(&self, id: TimerId) -> u64 {
+        self.deadlines
+            .get(id.index())
+            .map_or(u64::MAX, |d| d.load(Ordering::SeqCst))
     }
 
     /// Wakes the sleeping timer thread if `deadline` comes before it would wake on its own
@@ -864,18 +908,14 @@ impl PcPlatform {
             let now = self.clock.now_ns();
             if now >= floor {
                 PcStats::inc(&self.stats.timer_rounds);
-                for id in TIMERS {
+                // Only the devices that are due are locked: a vCPU busy with, say, the PM timer
+                // never waits for this thread, nor this thread for it.
+                for id in TIMERS.into_iter().filter(|&id| self.published(id) <= now) {
                     self.with_timer(id, |dev| {
-                        if due(dev.next_deadline_ns(), now) {
-                            let mut chip = lock(&self.irqchip);
-                            let mut sink = SourceSink {
-                                chip: &mut chip,
-                                source: id.source(),
-                                msi: MsiOut { pc: self },
-                            };
-                            dev.poll(now, &mut sink);
+                        if self.poll_if_due(id, dev, now) {
                             PcStats::inc(&self.stats.timer_polls);
                         }
+                        self.publish(id, dev.next_deadline_ns());
                     });
                 }
                 floor = now.saturating_add(TIMER_ROUND_NS);
@@ -888,9 +928,11 @@ impl PcPlatform {
                 // every later deadline into account and refuses further kicks.
                 floor
             } else {
+                // Scanned with this lock held: an access that moves a deadline after the scan
+                // takes the lock after the thread sleeps and sees the published sleep.
                 let earliest = TIMERS
                     .iter()
-                    .filter_map(|&id| self.with_timer(id, |dev| dev.next_deadline_ns()))
+                    .map(|&id| self.published(id))
                     .min()
                     .unwrap_or(u64::MAX);
                 earliest

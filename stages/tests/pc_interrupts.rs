@@ -291,3 +291,28 @@ fn concurrent_sources_and_eois_lose_nothing() {
     assert_eq!(log.count(0x5b), N + 1);
     assert!(log.count(0x30) > 0, "the timer thread ran meanwhile");
 }
+
+#[test]
+fn the_rtc_is_a_level_source_that_reading_register_c_drops() {
+    let (pc, log, _) = platform(1);
+    let bus = TestBus::new(&pc);
+    let _timers = Timers::start(&pc);
+    bus.ioapic_rte(8, 0x48 | LEVEL, 0);
+    bus.rtc_write(0x0A, 0x2F); // 2 Hz
+    bus.rtc_write(0x0B, 0x42); // PIE
+    let t0 = std::time::Instant::now();
+    while log.count(0x48) == 0 && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(log.count(0x48), 1);
+    // What the guest's handler does: EOI with the line high four times, then drop it.
+    for n in 1..=4 {
+        pc.eoi(0x48);
+        assert_eq!(log.count(0x48), n + 1);
+    }
+    assert_eq!(bus.rtc_read(0x0C) & 0xC0, 0xC0);
+    bus.rtc_write(0x0B, 0x02);
+    pc.eoi(0x48);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(log.count(0x48), 5);
+}
