@@ -33,6 +33,10 @@ pub enum Stage {
     Fast,
     /// On the device-model side; writes are posted, reads wait for a completion.
     Slow,
+    /// On the device-model side, and writes wait for their completion too: for registers whose
+    /// effect must be visible before the vCPU's next access reaches the device by another path
+    /// (a virtio queue enable before a notify absorbed by an ioeventfd).
+    SlowOrdered,
 }
 
 /// Index of a device in the registry; what an [`pipeline::ExitRecord`]'s `device` field carries.

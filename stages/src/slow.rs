@@ -238,6 +238,11 @@ mod tests {
         assert_eq!((c.seq, c.status, c.data), (5, STATUS_OK, 0x1234));
         let c = s.process(&rec(ExitKind::PioRead, 4, 2, 1, 4, 0)).unwrap();
         assert_eq!(c.data, 1, "one write counted");
+        // An ordered write (NEEDS_COMPLETION) is applied and answered.
+        let c = s.process(&rec(ExitKind::PioWrite, 4, 2, 1, 0, 9)).unwrap();
+        assert_eq!(c.status, STATUS_OK);
+        let c = s.process(&rec(ExitKind::PioRead, 4, 2, 1, 4, 0)).unwrap();
+        assert_eq!(c.data, 2);
     }
 
     #[test]

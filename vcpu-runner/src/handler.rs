@@ -261,7 +261,7 @@ impl<S: SlowPath> ExitHandler<S> {
                 }
                 Action::Continue
             }
-            Stage::Slow => {
+            Stage::Slow | Stage::SlowOrdered => {
                 self.probe
                     .classify(class, StageClass::SlowWaited, route.device.0);
                 self.stats.inc(Stat::SlowWaited);
@@ -269,7 +269,7 @@ impl<S: SlowPath> ExitHandler<S> {
                     Space::Pio => ExitKind::PioRead,
                     Space::Mmio => ExitKind::MmioRead,
                 };
-                let rec = self.record(kind, addr, route.offset, route.device, 0, data.len());
+                let rec = self.record(kind, addr, route.offset, route.device, 0, data.len(), true);
                 let seq = rec.seq;
                 self.probe.ring_posted();
                 let result = self.slow.post(rec).and_then(|waited| {
@@ -342,12 +342,61 @@ impl<S: SlowPath> ExitHandler<S> {
                     route.device,
                     le_value(data),
                     data.len(),
+                    false,
                 );
                 match self.slow.post(rec) {
                     Ok(waited) => {
                         if waited {
                             self.stats.inc(Stat::RingFull);
                         }
+                        Action::Continue
+                    }
+                    Err(SlowPathError::Stopping) => Action::Continue,
+                    Err(e) => {
+                        self.stats.inc(Stat::SlowPathError);
+                        Action::Fail(format!(
+                            "vCPU {}: {} write at {addr:#x} ({}): {e}",
+                            self.vcpu,
+                            space,
+                            self.platform.name(route.device)
+                        ))
+                    }
+                }
+            }
+            Stage::SlowOrdered => {
+                self.probe
+                    .classify(class, StageClass::SlowWaited, route.device.0);
+                self.stats.inc(Stat::SlowWaited);
+                let kind = match space {
+                    Space::Pio => ExitKind::PioWrite,
+                    Space::Mmio => ExitKind::MmioWrite,
+                };
+                let rec = self.record(
+                    kind,
+                    addr,
+                    route.offset,
+                    route.device,
+                    le_value(data),
+                    data.len(),
+                    true,
+                );
+                let seq = rec.seq;
+                self.probe.ring_posted();
+                let result = self.slow.post(rec).and_then(|waited| {
+                    if waited {
+                        self.stats.inc(Stat::RingFull);
+                    }
+                    self.slow.wait(seq)
+                });
+                self.probe.ring_completed();
+                match result {
+                    Ok(c) if c.status == 0 => Action::Continue,
+                    Ok(c) => {
+                        self.stats.inc(Stat::SlowPathError);
+                        self.log_error(&format!(
+                            "completion status {} for ordered write seq {seq}",
+                            c.status
+                        ));
                         Action::Continue
                     }
                     Err(SlowPathError::Stopping) => Action::Continue,
@@ -374,9 +423,10 @@ impl<S: SlowPath> ExitHandler<S> {
         device: DeviceId,
         data: u64,
         size: usize,
+        ordered: bool,
     ) -> ExitRecord {
         self.seq = self.seq.wrapping_add(1);
-        let posted = matches!(kind, ExitKind::PioWrite | ExitKind::MmioWrite);
+        let posted = !ordered && matches!(kind, ExitKind::PioWrite | ExitKind::MmioWrite);
         ExitRecord {
             seq: self.seq,
             addr,
@@ -649,6 +699,32 @@ mod tests {
             }),
             Action::Stop(VmRequest::PowerOff)
         );
+    }
+
+    #[test]
+    fn ordered_writes_wait_for_their_completion() {
+        let slow = FakeSlow::default();
+        let posted = slow.posted.clone();
+        let (mut h, _, _) = handler(slow);
+        let mut bus = Bus::new();
+        bus.insert(
+            Space::Mmio,
+            0xc000_0000,
+            0x1000,
+            DeviceId(1),
+            Stage::SlowOrdered,
+        )
+        .unwrap();
+        Arc::get_mut(&mut h.platform).unwrap().bus = bus;
+        h.handle(VmExit::MmioWrite {
+            addr: 0xc000_0014,
+            data: &[1],
+        });
+        let r = posted.lock().unwrap()[0].decode().unwrap();
+        assert!(r.needs_completion(), "an ordered write is waited for");
+        assert_eq!((r.kind, r.offset), (ExitKind::MmioWrite, 0x14));
+        assert_eq!(h.stats().get(Stat::SlowWaited), 1);
+        assert_eq!(h.stats().get(Stat::SlowPosted), 0);
     }
 
     #[test]

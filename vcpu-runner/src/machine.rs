@@ -104,7 +104,7 @@ impl Devices {
         self.names.push(name.to_string());
         let (f, s) = match stage {
             Stage::Fast => (Some(dev), None),
-            Stage::Slow => (None, Some(dev)),
+            Stage::Slow | Stage::SlowOrdered => (None, Some(dev)),
         };
         self.fast.push(f);
         self.slow.push(s);
