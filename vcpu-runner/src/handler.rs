@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pipeline::{CompletionRecord, ExitKind, ExitRecord};
 use stages::bus::fill_unclaimed;
 use stages::platform::{le_value, put_le_value};
-use stages::{Bus, BusDevice, DeviceId, EoiSink, Space, Stage, VmRequest, VmRequests};
+use stages::{Bus, BusDevice, DeviceId, EoiSink, Route, Space, Stage, VmRequest, VmRequests};
 
 use crate::backend::VmExit;
 use crate::ratelimit::RateLimit;
@@ -269,7 +269,7 @@ impl<S: SlowPath> ExitHandler<S> {
                     Space::Pio => ExitKind::PioRead,
                     Space::Mmio => ExitKind::MmioRead,
                 };
-                let rec = self.record(kind, addr, route.offset, route.device, 0, data.len(), true);
+                let rec = self.record(kind, addr, &route, 0, data.len(), true);
                 let seq = rec.seq;
                 self.probe.ring_posted();
                 let result = self.slow.post(rec).and_then(|waited| {
@@ -335,15 +335,7 @@ impl<S: SlowPath> ExitHandler<S> {
                     Space::Pio => ExitKind::PioWrite,
                     Space::Mmio => ExitKind::MmioWrite,
                 };
-                let rec = self.record(
-                    kind,
-                    addr,
-                    route.offset,
-                    route.device,
-                    le_value(data),
-                    data.len(),
-                    false,
-                );
+                let rec = self.record(kind, addr, &route, le_value(data), data.len(), false);
                 match self.slow.post(rec) {
                     Ok(waited) => {
                         if waited {
@@ -371,15 +363,7 @@ impl<S: SlowPath> ExitHandler<S> {
                     Space::Pio => ExitKind::PioWrite,
                     Space::Mmio => ExitKind::MmioWrite,
                 };
-                let rec = self.record(
-                    kind,
-                    addr,
-                    route.offset,
-                    route.device,
-                    le_value(data),
-                    data.len(),
-                    true,
-                );
+                let rec = self.record(kind, addr, &route, le_value(data), data.len(), true);
                 let seq = rec.seq;
                 self.probe.ring_posted();
                 let result = self.slow.post(rec).and_then(|waited| {
@@ -419,8 +403,7 @@ impl<S: SlowPath> ExitHandler<S> {
         &mut self,
         kind: ExitKind,
         addr: u64,
-        offset: u64,
-        device: DeviceId,
+        route: &Route,
         data: u64,
         size: usize,
         ordered: bool,
@@ -430,10 +413,10 @@ impl<S: SlowPath> ExitHandler<S> {
         ExitRecord {
             seq: self.seq,
             addr,
-            offset,
+            offset: route.offset,
             data,
             vcpu: self.vcpu,
-            device: device.0,
+            device: route.device.0,
             kind: kind as u8,
             // Access widths come from the backend (1..=8); anything larger is clamped, never wrapped.
             size: u8::try_from(size.min(8)).unwrap_or(8),
