@@ -3,6 +3,7 @@
 
 mod control;
 mod opts;
+mod pci;
 mod vm;
 
 fn main() {

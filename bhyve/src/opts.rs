@@ -59,6 +59,17 @@ pub enum OptError {
         /// The emulation asked for.
         emulation: String,
     },
+    /// A device's options are wrong.
+    #[error("-s {slot}: {why}")]
+    DeviceOptions {
+        /// The -s argument.
+        slot: String,
+        /// What is wrong (names the option).
+        why: String,
+    },
+    /// Two devices in one PCI slot/function.
+    #[error("-s {0}: PCI slot {1} is already taken")]
+    SlotTaken(String, String),
     /// No kernel to boot.
     #[error("Nothing to boot: give the guest kernel with -o boot.kernel=PATH")]
     NoKernel,
@@ -88,6 +99,19 @@ pub enum BootProtocol {
     Pvh,
     /// Multiboot v1.
     Multiboot,
+}
+
+/// A PCI device model placed with `-s slot[:function],emulation[,conf]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciDevice {
+    /// PCI slot (device number) on bus 0.
+    pub slot: u8,
+    /// PCI function.
+    pub function: u8,
+    /// The parsed emulation and options.
+    pub spec: virtio::options::DeviceSpec,
+    /// Options bhyve accepts that we ignore, with the reason (told to the operator).
+    pub ignored: Vec<String>,
 }
 
 /// The typed configuration of one VM.
@@ -128,6 +152,8 @@ pub struct Config {
     pub trace_file: Option<PathBuf>,
     /// Write SVG plots (latency histogram, exit rate over time) into this directory.
     pub plots_dir: Option<PathBuf>,
+    /// PCI device models.
+    pub pci: Vec<PciDevice>,
     /// Every configuration variable, as given.
     pub vars: BTreeMap<String, String>,
 }
@@ -150,7 +176,9 @@ Usage: bhyve [-AHPuw] [-c [cpus=]N] [-k config_file] [-l lpcdev[,conf]] [-m mems
   -c  number of vCPUs (default 1; at most hw.vmm.maxcpu)
   -m  guest memory (default 256M; no suffix means MiB)
   -l  LPC device: com1,stdio | com1,file=PATH | com1,unix=PATH | com1,null (com2 likewise)
-  -s  PCI slot: hostbridge, lpc
+  -s  PCI slot: hostbridge, lpc, virtio-blk,PATH[,ro][,nodelete][,ser=ID],
+      virtio-net,TAP[,mac=xx:xx:xx:xx:xx:xx][,mtu=N], virtio-console,stdio|file=P|unix=P,
+      virtio-rnd
   -o  set a configuration variable:
         boot.kernel=PATH     kernel image (Linux bzImage/vmlinux, PVH ELF, Multiboot ELF)
         boot.initrd=PATH     initramfs (Linux/PVH) or first module (Multiboot)
@@ -415,6 +443,16 @@ fn option(c: char, arg: &str, vars: &mut Vec<(String, String)>) -> Result<(), Op
                 "hostbridge" | "amd_hostbridge" | "lpc" => {
                     vars.push((format!("pci.0.{s}.{f}.device"), emulation.into()));
                 }
+                e if e.starts_with("virtio-") => {
+                    // Everything after "slot," is the emulation and its options.
+                    let conf = arg.split_once(',').map_or("", |(_, c)| c);
+                    virtio::options::parse(conf).map_err(|e| OptError::DeviceOptions {
+                        slot: arg.into(),
+                        why: e.to_string(),
+                    })?;
+                    vars.push((format!("pci.0.{s}.{f}.device"), emulation.into()));
+                    vars.push((format!("pci.0.{s}.{f}.config"), conf.into()));
+                }
                 _ => {
                     return Err(OptError::UnsupportedEmulation {
                         slot: arg.into(),
@@ -464,6 +502,7 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
         print_histograms: false,
         trace_file: None,
         plots_dir: None,
+        pci: Vec::new(),
         vars: BTreeMap::new(),
     };
     let mut kernel = None;
@@ -544,6 +583,35 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
             | "rtc.use_localtime"
             | "memory.wired"
             | "memory.guest_in_core" => {}
+            k if k.starts_with("pci.0.") && k.ends_with(".config") => {
+                let mut it = k["pci.0.".len()..].split('.');
+                let (Some(sl), Some(fu)) = (it.next(), it.next()) else {
+                    return Err(OptError::UnknownKey(k.to_string()));
+                };
+                let bad = || OptError::BadValue {
+                    what: k.to_string(),
+                    value: v.clone(),
+                    why: "slot 0-31 and function 0-7".into(),
+                };
+                let slot: u8 = sl.parse().ok().filter(|&n| n <= 31).ok_or_else(bad)?;
+                let function: u8 = fu.parse().ok().filter(|&n| n <= 7).ok_or_else(bad)?;
+                if slot == 0 || slot == 31 {
+                    return Err(OptError::SlotTaken(
+                        format!("{slot}:{function},{v}"),
+                        format!("{slot} (the host bridge is 0, the LPC bridge 31)"),
+                    ));
+                }
+                let parsed = virtio::options::parse(v).map_err(|e| OptError::DeviceOptions {
+                    slot: format!("{slot}:{function},{v}"),
+                    why: e.to_string(),
+                })?;
+                cfg.pci.push(PciDevice {
+                    slot,
+                    function,
+                    spec: parsed.spec,
+                    ignored: parsed.ignored,
+                });
+            }
             k if k.starts_with("pci.") => {}
             _ => return Err(OptError::UnknownKey(k.clone())),
         }
@@ -609,8 +677,15 @@ mod tests {
         assert!(e.to_string().contains("cpus (-c)"), "{e}");
         let e = run("-l com1,tty -o boot.kernel=/k x").unwrap_err();
         assert!(e.to_string().contains("-l com1"), "{e}");
-        let e = run("-s 3,virtio-blk,/img -o boot.kernel=/k x").unwrap_err();
-        assert!(e.to_string().contains("virtio-blk"), "{e}");
+        let e = run("-s 3,e1000,tap0 -o boot.kernel=/k x").unwrap_err();
+        assert!(e.to_string().contains("e1000"), "{e}");
+        let c = run("-s 3,virtio-blk,/img,ro -s 4:1,virtio-rnd -o boot.kernel=/k x").unwrap();
+        assert_eq!(c.pci.len(), 2);
+        assert_eq!((c.pci[0].slot, c.pci[1].slot, c.pci[1].function), (3, 4, 1));
+        let e = run("-s 3,virtio-blk,/img,bogus=1 -o boot.kernel=/k x").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = run("-s 31,virtio-rnd -o boot.kernel=/k x").unwrap_err();
+        assert!(e.to_string().contains("already taken"), "{e}");
         let e = run("-s 40,lpc -o boot.kernel=/k x").unwrap_err();
         assert!(e.to_string().contains("slot 0-31"), "{e}");
         assert!(matches!(

@@ -66,6 +66,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A device model could not be set up.
+    #[error("{0}")]
+    Device(String),
     /// The in-module platform could not be registered.
     #[error("In-module devices: {0}")]
     Platform(String),
@@ -371,7 +374,23 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         kvm_vm.set_msi_routes(&table).map_err(|e| e.to_string())
     }));
     let mut pc_err = None;
+    // Configuration space: the platform's bridges, plus our device models through a mux on the
+    // data port.
+    let cf8 = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let extra: crate::pci::ExtraFunctions = Arc::new(Mutex::new(Vec::new()));
     pc.register(&mut |name, space, base, len, dev| {
+        let dev: Arc<Mutex<dyn BusDevice>> = match name {
+            "pci-address" => Arc::new(Mutex::new(crate::pci::AddressShadow {
+                inner: dev,
+                shadow: cf8.clone(),
+            })),
+            "pci-data" => Arc::new(Mutex::new(crate::pci::DataMux {
+                inner: dev,
+                shadow: cf8.clone(),
+                extra: extra.clone(),
+            })),
+            _ => dev,
+        };
         devices
             .add(name, space, base, len, Stage::Fast, dev)
             .map(|_| ())
@@ -440,6 +459,8 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     if let Some(b) = &cfg.com2 {
         add_uart(&mut devices, "com2", COM2_BASE, b, pc.isa_line(COM2_IRQ))?;
     }
+    crate::pci::add_devices(&cfg.name, &cfg.pci, &machine, &mut devices, &extra)
+        .map_err(VmError::Device)?;
     if cfg.test_devices {
         devices.add(
             "scratch-slow",

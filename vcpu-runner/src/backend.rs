@@ -267,6 +267,13 @@ pub trait Vm: Send + Sync {
     /// I/O APIC this is also how the backend learns which vectors are level-triggered I/O APIC
     /// vectors, whose EOIs it must report (`VmExit::IoapicEoi`).
     fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError>;
+    /// Absorbs guest writes of any width to MMIO `addr` in the hypervisor: each signals `fd`
+    /// instead of exiting to us (a virtio notify costs no userspace exit).
+    fn register_ioeventfd(
+        &self,
+        addr: u64,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), BackendError>;
 }
 
 /// One vCPU. Must be run on one thread (the pinned vCPU thread).

@@ -159,6 +159,20 @@ impl Vm for KvmVm {
             .map_err(|e| BackendError::ioctl("KVM_SIGNAL_MSI", e))
     }
 
+    fn register_ioeventfd(
+        &self,
+        addr: u64,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), BackendError> {
+        self.vm
+            .register_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| BackendError::ioctl("KVM_IOEVENTFD", e))
+    }
+
     fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError> {
         let mut table = kvm_bindings::KvmIrqRouting::new(0)
             .map_err(|e| BackendError::Invalid(format!("route table: {e:?}")))?;
