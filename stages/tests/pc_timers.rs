@@ -63,7 +63,9 @@ fn pit_at_100hz_through_the_ports_delivers_100_msis_per_second_to_gsi2s_vector()
         Duration::from_secs(1),
     );
     println!("PIT mode 2 at 1 kHz: {rate:.1} MSIs/s");
-    assert!(within(rate, 1000.2, 0.05), "{rate}");
+    // A timer thread the host schedules late loses (coalesces) ticks, it never adds any: the
+    // lower bound leaves room for a loaded host, the upper one does not.
+    assert!((900.0..=1050.0).contains(&rate), "{rate}");
 
     // Masking the pin stops delivery; the PIT keeps ticking (the pin sees the edges).
     bus.ioapic_rte(2, 0x31 | (1 << 16), 0);
