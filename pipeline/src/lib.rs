@@ -62,3 +62,11 @@ pub use ringset::{DeviceRings, RingSet, VcpuRings};
 #[cfg(all(feature = "std", not(loom)))]
 pub use shm::SharedRegion;
 pub use wait::{WaitOutcome, Waiter};
+
+/// Does the once-per-process set-up of the rings' asymmetric barrier (`membarrier` registration,
+/// which can take milliseconds) now, so a caller can do it off its critical path — for example on
+/// a background thread while a VM is being built. Rings created later find it done. Returns
+/// whether producers will run without a fence per publish.
+pub fn warm_up() -> bool {
+    barrier::register_producer()
+}

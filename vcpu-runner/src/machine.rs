@@ -345,7 +345,9 @@ where
         ncpus: u32,
         split_irqchip: bool,
     ) -> Result<Self, MachineError> {
-        let vm = hv.create_vm(split_irqchip.then_some(24))?;
+        // 32 pins: KVM reports EOIs only for level routes on GSIs below the reserved pin count, and
+        // our I/O APIC has 32 inputs (the HPET routes to 24-31).
+        let vm = hv.create_vm(split_irqchip.then_some(32))?;
         let total: u64 = ram.iter().map(|(_, l)| *l as u64).sum();
         let memory = GuestMemoryMmap::<()>::from_ranges(ram).map_err(|e| MachineError::Memory {
             size: total,
@@ -461,6 +463,9 @@ where
             cfg.ring_capacity,
         )
         .map_err(|e| ring_err(&e))?;
+        // Every vCPU exists in KVM before any of them runs: an INIT/SIPI the BSP sends to an AP that
+        // KVM has not created yet is lost (the AP never starts).
+        let created = Arc::new(std::sync::atomic::AtomicU32::new(0));
         for i in 0..self.ncpus {
             let idx = usize::try_from(i).unwrap_or(0);
             let vside = rings.vcpu_side(i).map_err(|e| ring_err(&e))?;
@@ -503,6 +508,8 @@ where
             histograms.push(hist.clone());
             let probe = perf::VcpuProbe::new(i, clock, hist, trace_writers.next());
             let vm = self.vm.clone();
+            let (created, ncpus) = (created.clone(), self.ncpus);
+            let create_timeout = cfg.control_timeout;
             let platform = platform.clone();
             let done = done_tx.clone();
             let pin = cfg.pin.then_some(idx % host);
@@ -516,7 +523,16 @@ where
                             let _ = pin_to_cpu(cpu);
                         }
                         let outcome = (|| {
-                            let mut vcpu = vm.create_vcpu(i)?;
+                            let vcpu = vm.create_vcpu(i);
+                            // Counted even if it failed: the others must not wait for it.
+                            created.fetch_add(1, Ordering::AcqRel);
+                            let t0 = Instant::now();
+                            while created.load(Ordering::Acquire) < ncpus
+                                && t0.elapsed() < create_timeout
+                            {
+                                std::thread::sleep(Duration::from_micros(50));
+                            }
+                            let mut vcpu = vcpu?;
                             if let Some(e) = entry {
                                 vcpu.set_entry(&e)?;
                             }
