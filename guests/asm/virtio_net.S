@@ -313,6 +313,16 @@ used_bad:
     lea     rsi, [rip + msg_used_bad]
     jmp     fail
 numbuf_bad:
+    lea     rsi, [rip + msg_hdr]
+    call    puts
+    mov     rsi, rbx
+    mov     edx, HDR_LEN
+    call    vio_hexdump
+    lea     rsi, [rip + msg_hdr2]
+    call    puts
+    mov     eax, r14d
+    call    putdec
+    call    putnl
     lea     rsi, [rip + msg_numbuf]
     jmp     fail
 dst_bad:
@@ -333,6 +343,8 @@ msg_irq2:   .asciz ", tx "
 msg_nomac:  .asciz "the device does not offer a MAC address"
 msg_timeout: .asciz "no frame from the host within wait="
 msg_used_bad: .asciz "a receive completion names an unknown buffer or a bad length"
+msg_hdr:    .asciz "virtio_net: header "
+msg_hdr2:   .asciz " used length "
 msg_numbuf: .asciz "a received header's num_buffers is not 1"
 msg_dst:    .asciz "the host's frame is not addressed to our MAC"
 
