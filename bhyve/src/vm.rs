@@ -174,6 +174,18 @@ pub fn entry_regs(e: &loader::EntryState) -> EntryRegs {
     }
 }
 
+/// With `BHYVE_RS_TIMING=1`, prints how long after process start each set-up phase ended.
+fn phase(label: &str) {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("BHYVE_RS_TIMING").is_some()) {
+        eprintln!(
+            "bhyve: timing: {:>8.3} ms {label}",
+            since_start_ns() as f64 / 1e6
+        );
+    }
+}
+
 /// Monotonic nanoseconds since the process started (for the UART's first-byte stamp).
 fn since_start_ns() -> u64 {
     use std::sync::OnceLock;
@@ -280,11 +292,13 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     since_start_ns();
     install_signal_handlers();
     let kernel = read_file("kernel", &cfg.kernel)?;
+    phase("images read");
     let initrd = match &cfg.initrd {
         Some(p) => Some(read_file("initrd", p)?),
         None => None,
     };
     let hv = KvmHypervisor::open()?;
+    phase("/dev/kvm opened");
     // kldload vmm: the module, embedded in this process (bhyve(8) on a host where vmm.ko is
     // loaded). It checks the backend, reads the tunables, reserves pptdevs, and gives the VM its
     // name and its control socket.
@@ -299,6 +313,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         }
     }
     vmm.create_vm(&cfg.name, cfg.cpus)?;
+    phase("module loaded, VM created");
     let mib = cfg.memory >> 20;
     if let Some(host) = host_memory() {
         if cfg.memory > host {
@@ -348,6 +363,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         source,
     })?;
     let entry = entry_regs(&loaded.entry);
+    phase("memory mapped, kernel loaded");
 
     let requests = Arc::new(VmRequests::new());
     let mut devices = Devices::new();
@@ -402,6 +418,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     })
     .map_err(|m| VmError::Platform(pc_err.take().unwrap_or(m)))?;
     devices.set_eoi_sink(pc.clone());
+    phase("platform built");
     devices.add(
         "debug-exit",
         Space::Pio,
@@ -505,7 +522,9 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
             })?
     };
     let names = devices.names().to_vec();
+    phase("devices registered, timer thread started");
     let vm = Arc::new(machine.start(entry, devices, requests.clone(), &run_cfg)?);
+    phase("vCPU and device-model threads started");
     // bhyvectl --vm=NAME reaches the running VM from now on.
     let target = Arc::new(crate::control::VmTarget {
         vm: vm.clone(),
@@ -561,10 +580,12 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     let outcome = vm
         .wait()
         .ok_or_else(|| VmError::Platform("the VM was already waited for".into()));
+    phase("VM stopped (vCPUs and device models joined)");
     vm.stop_flag().store(true, Ordering::Release);
     timers_stop.store(true, Ordering::Release);
     pc.notify_timers();
     let _ = timers.join();
+    phase("timer thread joined");
     let outcome = outcome?;
     // Destroy the VM and unload the module (its control socket goes away).
     let _ = vmm.detach(&cfg.name);
@@ -574,6 +595,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     if let Err((_, e)) = vmm.unload() {
         eprintln!("bhyve: unloading the module: {e}");
     }
+    phase("VM destroyed, module unloaded");
     let rates = sampler.and_then(|(done, h)| {
         done.store(true, Ordering::Release);
         h.join().ok()
@@ -617,6 +639,9 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         vcpu_runner::RunExit::Stopped => eprintln!("bhyve: stopped by signal"),
         vcpu_runner::RunExit::Request(_) => {}
     }
+    drop(vm);
+    drop(pc);
+    phase("VM released");
     Ok(outcome.exit.exit_status())
 }
 

@@ -45,6 +45,8 @@ mod imp {
     const UNKNOWN: u8 = 0;
     const REGISTERED: u8 = 1;
     const UNAVAILABLE: u8 = 2;
+    /// Another thread is registering (the syscall can take milliseconds).
+    const REGISTERING: u8 = 3;
 
     /// Whether this process is registered, decided once.
     static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
@@ -65,15 +67,24 @@ mod imp {
     /// Register this process so that consumers' barriers reach its threads. True if the
     /// producer may run in light mode.
     pub(crate) fn register_producer() -> bool {
-        match STATE.load(Ordering::Acquire) {
-            REGISTERED => return true,
-            UNAVAILABLE => return false,
-            _ => {}
+        // Only the first caller registers; one that comes while the registration is still in
+        // flight does not wait for it: its rings fence every publish (always correct), and rings
+        // made after the registration run light.
+        match STATE.compare_exchange(UNKNOWN, REGISTERING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                let ok = membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED);
+                STATE.store(if ok { REGISTERED } else { UNAVAILABLE }, Ordering::Release);
+                ok
+            }
+            Err(REGISTERED) => true,
+            Err(_) => false,
         }
-        // Registering twice is harmless, so a race between two first producers is fine.
-        let ok = membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED);
-        STATE.store(if ok { REGISTERED } else { UNAVAILABLE }, Ordering::Release);
-        ok
+    }
+
+    /// Decide, before any ring is made, that this process's producers fence every publish and
+    /// never register (the registration can take milliseconds and holds up process exit).
+    pub(crate) fn fence_only() {
+        let _ = STATE.compare_exchange(UNKNOWN, UNAVAILABLE, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Make every running thread of every registered process pass a full barrier.
@@ -88,6 +99,9 @@ mod imp {
 
 #[cfg(not(all(feature = "std", not(loom))))]
 mod imp {
+    /// Nothing to decide without the OS: producers fence.
+    pub(crate) fn fence_only() {}
+
     /// Without the OS (no_std) there is no `membarrier`: producers fence. Under loom the
     /// producer fences too (see the module docs), so the mode is irrelevant there.
     pub(crate) fn register_producer() -> bool {
