@@ -2,7 +2,8 @@
 //! `bhyve` and under `qemu-system-x86_64 -enable-kvm -M microvm`, interleaved in the same run; plus
 //! each monitor's peak resident set (ru_maxrss) and, for ours, how much of it is guest memory.
 //!
-//! `cargo bench -p bhyve --bench startup` (env `STARTUP_REPS`, default 20). QEMU comes from Debian's
+//! `cargo bench -p bhyve --bench startup` (env `STARTUP_REPS`, default 20; `BHYVE_BIN=PATH` to
+//! measure another build of ours, such as the static one). QEMU comes from Debian's
 //! `qemu-system-x86` package; without it only our figures are printed.
 
 use std::io::Read;
@@ -71,7 +72,10 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("bhyve-startup-{}", std::process::id()));
     guests::write_all(&dir).expect("guest images");
     let img = dir.join("hello.elf");
-    let bhyve = env!("CARGO_BIN_EXE_bhyve");
+    // BHYVE_BIN measures another build of ours (e.g. the static one the rig ships).
+    let bhyve_bin =
+        std::env::var("BHYVE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_bhyve").into());
+    let bhyve = bhyve_bin.as_str();
     let qemu = ["/usr/bin/qemu-system-x86_64"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists());
