@@ -27,12 +27,30 @@ fn require_kvm() {
     );
 }
 
-/// A fresh directory for one test, holding every guest image.
-fn work_dir(test: &str) -> PathBuf {
+/// A fresh directory for one test, holding every guest image; removed when the test passes (kept
+/// for a look when it fails).
+struct WorkDir(PathBuf);
+
+impl std::ops::Deref for WorkDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn work_dir(test: &str) -> WorkDir {
     let dir = std::env::temp_dir().join(format!("bhyve-virtio-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     guests::write_all(&dir).expect("write guest images");
-    dir
+    WorkDir(dir)
 }
 
 /// A VM name no other run shares (each VM has a control socket named after it).
