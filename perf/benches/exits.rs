@@ -6,7 +6,7 @@
 #[path = "support/exits.rs"]
 mod exits;
 
-use exits::{run_ours, run_raw, Class};
+use exits::{run_ours, run_ours_with, run_raw, Class};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -58,4 +58,25 @@ fn main() {
             if ok { "met" } else { "NOT met" }
         );
     }
+
+    // Tracing every exit, on against off, same guest, same run (histograms and counters are
+    // always on in both).
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let class = Class::Posted;
+    for _ in 0..reps {
+        let exits = class.exits(n) as f64;
+        let f0 = run_ours_with(class.guest(), 0, false).as_nanos() as f64;
+        let f1 = run_ours_with(class.guest(), n, false).as_nanos() as f64;
+        let t0 = run_ours_with(class.guest(), 0, true).as_nanos() as f64;
+        let t1 = run_ours_with(class.guest(), n, true).as_nanos() as f64;
+        off.push((f1 - f0) / exits);
+        on.push((t1 - t0) / exits);
+    }
+    let (f, t) = (median(off), median(on));
+    println!(
+        "\ntracing every exit ({}): off {f:.0} ns, on {t:.0} ns per exit: {:+.1} % (bar ≤ 5 %: {})",
+        class.name(),
+        100.0 * (t / f - 1.0),
+        if t / f <= 1.05 { "met" } else { "NOT met" }
+    );
 }

@@ -113,6 +113,11 @@ fn entry(e: &loader::EntryState) -> EntryRegs {
 
 /// Runs `guest` with `n=N` under our machine; returns the wall time of the whole run.
 pub fn run_ours(guest: &str, n: u64) -> Duration {
+    run_ours_with(guest, n, false)
+}
+
+/// As [`run_ours`], with exit tracing on or off.
+pub fn run_ours_with(guest: &str, n: u64, trace: bool) -> Duration {
     let hv = KvmHypervisor::open().expect("open /dev/kvm");
     let layout = loader::BootConfig::new(MEM, "").layout().expect("layout");
     let t0 = Instant::now();
@@ -170,7 +175,10 @@ pub fn run_ours(guest: &str, n: u64) -> Duration {
             entry(&loaded.entry),
             d,
             requests,
-            &RunConfig::default(),
+            &RunConfig {
+                trace,
+                ..RunConfig::default()
+            },
             Arc::new(AtomicBool::new(false)),
         )
         .expect("run");
@@ -183,9 +191,19 @@ pub fn run_ours(guest: &str, n: u64) -> Duration {
     took
 }
 
-/// Runs `guest` with `n=N` under a raw `KVM_RUN` loop that handles every exit inline; returns the
-/// wall time of the whole run.
+/// Runs `guest` with `n=N` under a raw `KVM_RUN` loop that handles every exit inline, on a thread
+/// pinned to host CPU 0 as our vCPU 0 is; returns the wall time of the whole run.
 pub fn run_raw(guest: &str, n: u64) -> Duration {
+    let guest = guest.to_string();
+    std::thread::spawn(move || {
+        let _ = vcpu_runner::runner::pin_to_cpu(0);
+        run_raw_here(&guest, n)
+    })
+    .join()
+    .expect("raw loop thread")
+}
+
+fn run_raw_here(guest: &str, n: u64) -> Duration {
     let kvm = Kvm::new().expect("open /dev/kvm");
     let t0 = Instant::now();
     let vm = kvm.create_vm().expect("vm");
