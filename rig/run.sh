@@ -8,22 +8,33 @@
 #   rig/run.sh --peer [OPTIONS]              QEMU (-M pc, -M microvm) boots the test guest
 #                                            inside L1: start-to-marker, total time, exits
 #   rig/run.sh --bhyve PATH [OPTIONS]        our static bhyve boots the test guest inside
-#                                            L1: 1 and 2 vCPUs, quiet and not quiet
+#                                            L1: 1 and 2 vCPUs, quiet and not quiet, PVH,
+#                                            the guest's dmesg, hostile inputs
+#   rig/run.sh --compare PATH [OPTIONS]      our bhyve and QEMU (-M pc, -M microvm) side by
+#                                            side in one L1: start-to-marker, exits
 #   rig/run.sh --payload DIR [OPTIONS]       any payload: DIR/run.sh runs in L1 (busybox sh)
 #
 # Options:
-#   --runs N             timed runs per configuration (--peer; default 3)
-#   --machines "LIST"    QEMU machine types for --peer (default "pc microvm")
-#   --no-count-exits     --peer: skip the extra run that counts exits
+#   --runs N             timed runs per configuration (--peer, --compare; default 3)
+#   --machines "LIST"    QEMU machine types for --peer (default "pc microvm"); for
+#                        --compare the VMMs, in order (default "bhyve pc microvm";
+#                        bhyve-pvh = ours booting the ELF vmlinux through PVH)
+#   --no-count-exits     --peer, --compare: skip the extra run that counts exits
+#   --profile            --compare: two more runs per VMM: a timeline from L1's
+#                        trace buffer, and initcall_debug with our exit trace
+#   --variant NAME=PATH  --compare: another build of our bhyve, run as VMM NAME (list
+#                        NAME in --machines); e.g. a prototype against the current one
 #   --guest-append STR   append STR to the test guest's kernel command line
 #                        (e.g. 'init=/nope rdinit=/nope' to see "marker-missing")
-#   --guest-timeout S    limit for one guest run inside L1 (default 120; --bhyve 90)
+#   --guest-timeout S    limit for one guest run inside L1 (default 120; --bhyve,
+#                        --compare 90)
 #   --with-qemu          put the host's QEMU in L1 in every mode (--peer always does;
 #                        rig/test/fake-bhyve.sh needs it)
 #   --timeout S          limit for the whole outer VM (default: enough for every inner
 #                        run to reach --guest-timeout, plus 180 s; --payload 1200)
 #   --l1-smp N, --l1-mem SIZE, --l1-cpu MODEL, --l1-append STR
-#                        outer VM settings (default 2, 2G, max, "")
+#                        outer VM settings (default 2, 2G, max, ""; --compare:
+#                        --l1-append defaults to "init_on_free=1", see rig/README.md)
 #   --out DIR            where to write results (default .cache/rig/runs/DATE-MODE)
 #   -v, --verbose        stream the outer VM's console to stderr while it runs
 #
@@ -54,15 +65,17 @@ mode=
 payload_src=
 bhyve_bin=
 runs=3
-machines="pc microvm"
+machines=
 count_exits=1
+profile=0
+variants=()
 guest_append=
 guest_timeout=
 with_qemu=0
 outer_timeout=
 l1_smp=2
 l1_mem=2G
-l1_append=
+l1_append=-
 l1_cpu=max
 out=
 verbose=0
@@ -71,6 +84,9 @@ while (($#)); do
     case $1 in
         --peer) mode=peer; shift ;;
         --bhyve) need "$@"; mode=bhyve; bhyve_bin=$2; shift 2 ;;
+        --compare) need "$@"; mode=compare; bhyve_bin=$2; shift 2 ;;
+        --profile) profile=1; shift ;;
+        --variant) need "$@"; variants+=("$2"); shift 2 ;;
         --payload) need "$@"; mode=payload; payload_src=$2; shift 2 ;;
         --runs) need "$@"; runs=$2; shift 2 ;;
         --machines) need "$@"; machines=$2; shift 2 ;;
@@ -89,23 +105,49 @@ while (($#)); do
         *) rig_die "$RIG_EX_USAGE" usage "unknown argument '$1' (see --help)" ;;
     esac
 done
-[[ -n $mode ]] || rig_die "$RIG_EX_USAGE" usage "say what to run: --peer, --bhyve PATH or --payload DIR (see --help)"
-[[ $mode == peer ]] && with_qemu=1
+[[ -n $mode ]] || rig_die "$RIG_EX_USAGE" usage "say what to run: --peer, --bhyve PATH, --compare PATH or --payload DIR (see --help)"
+[[ $mode == peer || $mode == compare ]] && with_qemu=1
+if [[ $l1_append == - ]]; then
+    # TCG keeps translated code keyed by L1-physical pages: an inner VM whose memory lands on
+    # pages that held an earlier inner guest's kernel code pays for invalidating it (up to
+    # ~0.5 s per 2 MiB fault). Zeroing pages when L1 frees them moves that cost out of the
+    # next VM's boot, so every VMM in a side-by-side run starts from the same state.
+    if [[ $mode == compare ]]; then l1_append=init_on_free=1; else l1_append=; fi
+fi
+if [[ -z $machines ]]; then
+    if [[ $mode == compare ]]; then machines="bhyve pc microvm"; else machines="pc microvm"; fi
+fi
+variant_names=" "
+for v in "${variants[@]}"; do
+    [[ $mode == compare ]] || rig_die "$RIG_EX_USAGE" usage "--variant is for --compare"
+    vname=${v%%=*} vpath=${v#*=}
+    [[ $v == *=* && $vname =~ ^[a-z][a-z0-9_]*$ && $vname != bhyve ]] ||
+        rig_die "$RIG_EX_USAGE" usage "--variant $v: want NAME=PATH, NAME in [a-z0-9_] (not bhyve)"
+    [[ -f $vpath && -x $vpath ]] || rig_die "$RIG_EX_USAGE" usage "--variant $v: no such executable"
+    variant_names+="$vname "
+done
+if [[ $mode == compare ]]; then
+    for m in $machines; do
+        [[ $m == bhyve || $m == bhyve-pvh || $m == pc || $m == microvm || $variant_names == *" $m "* ]] ||
+            rig_die "$RIG_EX_USAGE" usage "--compare: --machines takes bhyve, bhyve-pvh, pc, microvm or a --variant NAME (not '$m')"
+    done
+fi
 if [[ -z $guest_timeout ]]; then
-    if [[ $mode == bhyve ]]; then guest_timeout=90; else guest_timeout=120; fi
+    if [[ $mode == bhyve || $mode == compare ]]; then guest_timeout=90; else guest_timeout=120; fi
 fi
 if [[ -z $outer_timeout ]]; then
     case $mode in
         peer) outer_timeout=$(($(wc -w <<<"$machines") * (runs + count_exits) * (guest_timeout + 10) + 180)) ;;
-        bhyve) outer_timeout=$((5 * (guest_timeout + 10) + 180)) ;;
+        bhyve) outer_timeout=$((6 * (guest_timeout + 10) + 3 * 40 + 180)) ;;
+        compare) outer_timeout=$(($(wc -w <<<"$machines") * (1 + runs + count_exits + 2 * profile) * (guest_timeout + 10) + 180)) ;;
         *) outer_timeout=1200 ;;
     esac
 fi
 for n in "$runs" "$guest_timeout" "$outer_timeout" "$l1_smp"; do
     [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || rig_die "$RIG_EX_USAGE" usage "'$n' is not a positive number"
 done
-if [[ $mode == bhyve ]]; then
-    [[ -f $bhyve_bin && -x $bhyve_bin ]] || rig_die "$RIG_EX_USAGE" usage "--bhyve $bhyve_bin: no such executable"
+if [[ $mode == bhyve || $mode == compare ]]; then
+    [[ -f $bhyve_bin && -x $bhyve_bin ]] || rig_die "$RIG_EX_USAGE" usage "--$mode $bhyve_bin: no such executable"
     bhyve_bin=$(cd "$(dirname "$bhyve_bin")" && pwd)/$(basename "$bhyve_bin")
     if command -v file >/dev/null && ! file -L "$bhyve_bin" | grep -q 'statically linked\|static-pie linked'; then
         rig_log "warning: $bhyve_bin does not look statically linked; L1 has no shared libraries for it"
@@ -224,20 +266,35 @@ guest_pkg=
 stage=$rc_dir/stage-payload
 rm -rf "$stage"
 mkdir -p "$stage/payload"
-if [[ $mode == peer || $mode == bhyve ]]; then
-    guest_env=$("$repo/guest-linux/fetch.sh" --no-vmlinux) || exit $?
+if [[ $mode == peer || $mode == bhyve || $mode == compare ]]; then
+    # Only --bhyve and --compare with bhyve-pvh boot the ELF vmlinux (PVH): the others
+    # leave its 50 MB out of L1.
+    want_vmlinux=0
+    [[ $mode == bhyve || ($mode == compare && " $machines " == *" bhyve-pvh "*) ]] && want_vmlinux=1
+    if [[ $want_vmlinux == 1 ]]; then
+        guest_env=$("$repo/guest-linux/fetch.sh") || exit $?
+    else
+        guest_env=$("$repo/guest-linux/fetch.sh" --no-vmlinux) || exit $?
+    fi
     GUEST_KERNEL=$(sed -n 's/^GUEST_KERNEL=//p' <<<"$guest_env")
+    GUEST_VMLINUX=$(sed -n 's/^GUEST_VMLINUX=//p' <<<"$guest_env")
     GUEST_INITRD=$(sed -n 's/^GUEST_INITRD=//p' <<<"$guest_env")
     guest_pkg=$(sed -n 's/^GUEST_KERNEL_PACKAGE=//p' <<<"$guest_env")
     mkdir -p "$stage/payload/guest"
     cp "$GUEST_KERNEL" "$stage/payload/guest/vmlinuz"
     cp "$GUEST_INITRD" "$stage/payload/guest/initramfs.cpio"
+    if [[ $want_vmlinux == 1 ]]; then
+        [[ -f $GUEST_VMLINUX ]] || rig_die "$RIG_EX_BUILD" vmlinux "guest-linux/fetch.sh gave no ELF vmlinux"
+        cp "$GUEST_VMLINUX" "$stage/payload/guest/vmlinux"
+    fi
     cp "$here/payloads/$mode.sh" "$stage/payload/run.sh"
-    if [[ $mode == bhyve ]]; then cp "$bhyve_bin" "$stage/payload/bhyve"; fi
+    if [[ $mode == bhyve || $mode == compare ]]; then cp "$bhyve_bin" "$stage/payload/bhyve"; fi
+    for v in "${variants[@]}"; do cp "${v#*=}" "$stage/payload/bhyve-variant-${v%%=*}"; done
     {
         printf 'RIG_RUNS=%s\n' "$runs"
         printf 'RIG_MACHINES=%q\n' "$machines"
         printf 'RIG_COUNT_EXITS=%s\n' "$count_exits"
+        printf 'RIG_PROFILE=%s\n' "$profile"
         printf "RIG_GUEST_APPEND='%s'\n" "${guest_append//\'/}"
         printf 'RIG_GUEST_TIMEOUT=%s\n' "$guest_timeout"
     } >"$stage/payload/rig.conf"
@@ -313,6 +370,7 @@ awk -v dir="$out/consoles" '
     printf 'rig.busybox_package=%s\n' "busybox-static=$bb_ver"
     [[ -n $guest_pkg ]] && printf 'rig.guest_kernel_package=%s\n' "$guest_pkg"
     [[ -n $qemu_ver ]] && printf 'rig.qemu_package=%s\n' "qemu-system-x86=$qemu_ver"
+    printf 'rig.l1_append=%s\n' "$l1_append"
     printf 'rig.prepare_s=%s\n' "$prep_s"
     printf 'rig.outer_vm_s=%s\n' "$outer_s"
 } >"$results"
