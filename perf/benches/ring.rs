@@ -18,14 +18,15 @@
 //! Each side spins on a full or empty queue (no pause, no yield), the same loop for every
 //! queue. The consumer checks every record's `seq`, so nothing can be optimised away and a
 //! broken queue fails the run. Every sample is a fresh queue and a fresh pair of threads;
-//! only the transfer is timed (from a barrier release to the consumer's last record).
+//! only the transfer is timed (from a barrier release to the consumer's last record). Flat
+//! sampling: every sample moves the same number of records, so per-sample figures compare.
 //! Results and ratios: `docs/perf-ring.md`.
 
 use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use pipeline::ExitRecord;
 
 const CAPACITY: usize = 1024;
@@ -205,9 +206,11 @@ impl Rx for heapless::spsc::Consumer<'_, ExitRecord> {
 /// Move `n` records from `tx` (this thread, CPU 0) to `rx` (a thread on CPU 1); the time from
 /// the start signal to the last record received.
 fn transfer(mut tx: impl Tx, mut rx: impl Rx, n: u64, batched: bool) -> Duration {
-    let start = Barrier::new(2);
+    let start = &Barrier::new(2);
     std::thread::scope(|s| {
-        let consumer = s.spawn(|| {
+        // `move`: each handle lives on the stack of the thread that uses it, so the two
+        // handles' own fields cannot share a cache line.
+        let consumer = s.spawn(move || {
             pin(PONG_CPU);
             start.wait();
             let mut next = 0u64;
@@ -266,9 +269,9 @@ fn round_trips(
     mut pong_rx: impl Rx,
     n: u64,
 ) -> Duration {
-    let start = Barrier::new(2);
+    let start = &Barrier::new(2);
     std::thread::scope(|s| {
-        let echo = s.spawn(|| {
+        let echo = s.spawn(move || {
             pin(PONG_CPU);
             start.wait();
             for _ in 0..n {
@@ -310,6 +313,7 @@ fn cap_u32() -> u32 {
 /// Run `f(n)` for each of the four queues, as one criterion group.
 fn throughput_group(c: &mut Criterion, name: &str, batched: bool) {
     let mut g = c.benchmark_group(name);
+    g.sampling_mode(SamplingMode::Flat);
     g.throughput(Throughput::Elements(1));
     g.bench_function("pipeline", |b| {
         b.iter_custom(|n| {
@@ -349,6 +353,7 @@ fn throughput_batch32(c: &mut Criterion) {
 
 fn round_trip(c: &mut Criterion) {
     let mut g = c.benchmark_group("round_trip");
+    g.sampling_mode(SamplingMode::Flat);
     g.bench_function("pipeline", |b| {
         b.iter_custom(|n| {
             let (a_tx, a_rx) = pipeline::channel::<ExitRecord>(cap_u32());
@@ -383,10 +388,12 @@ fn round_trip(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
+    // About 2 s per case; 30 short samples, so a burst of load from other work on the machine
+    // spoils a few samples rather than the estimate (docs/perf-ring.md reports the median).
     Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1500))
+        .sample_size(30)
 }
 
 criterion_group! {
