@@ -26,7 +26,19 @@ fn bhyvectl() -> PathBuf {
     dir.join("bhyvectl")
 }
 
-fn start(dir: &Path, name: &str) -> Child {
+/// Kills the VM if the test ends early (a panicking test must not leave a guest spinning).
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn start(dir: &Path, name: &str) -> Vm {
     assert!(Path::new("/dev/kvm").exists(), "needs /dev/kvm");
     guests::write_all(dir).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_bhyve"))
@@ -37,13 +49,22 @@ fn start(dir: &Path, name: &str) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let sock = dir.join("sock").join(name);
+    let vm = Vm(child);
+    // The socket appears when the module creates the VM; the running VM attaches to it just
+    // after: wait until it answers.
     let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
-        std::thread::sleep(Duration::from_millis(20));
+    loop {
+        let (st, out) = ctl(dir, &[&format!("--vm={name}"), "--get-stats"]);
+        if st == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the VM's control socket never answered: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
-    child
+    vm
 }
 
 fn ctl(dir: &Path, args: &[&str]) -> (i32, String) {
@@ -145,7 +166,7 @@ fn bhyvectl_sees_a_live_vm_and_hostile_clients_do_not_hurt_it() {
 
     let (st, out) = ctl(&dir, &["--vm=live", "--force-poweroff"]);
     assert_eq!(st, 0, "{out}");
-    let status = vm.wait().unwrap();
+    let status = vm.0.wait().unwrap();
     assert_eq!(status.code(), Some(1), "power-off status");
     assert!(!sock.exists(), "the control socket goes with the VM");
     let (st, out) = ctl(&dir, &["--vm=live", "--get-stats"]);

@@ -1,0 +1,6 @@
+//! Random register traffic (widths, offsets, values, clock advances) against the pci core.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    stages::devices::fuzz::fuzz_pci(data);
+});
