@@ -142,7 +142,7 @@ fn bhyvectl_sees_a_live_vm_and_hostile_clients_do_not_hurt_it() {
         let _ = s.read_to_end(&mut reply); // an error reply or a closed connection
     }
     assert!(
-        vm.try_wait().unwrap().is_none(),
+        vm.0.try_wait().unwrap().is_none(),
         "the VM survived the hostile clients"
     );
     let (_, c) = ctl(&dir, &["--vm=live", "--get-stats"]);
@@ -160,7 +160,7 @@ fn bhyvectl_sees_a_live_vm_and_hostile_clients_do_not_hurt_it() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("live"), "the clash names the VM: {err}");
     assert!(
-        vm.try_wait().unwrap().is_none(),
+        vm.0.try_wait().unwrap().is_none(),
         "the first VM is untouched"
     );
 
