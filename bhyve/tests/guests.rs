@@ -149,6 +149,19 @@ fn hammering_unclaimed_io_for_ten_seconds_leaves_the_monitor_responsive_and_flat
         .spawn()
         .unwrap();
     let pid = child.id();
+    // If an assertion below fails, do not leave the guest spinning.
+    struct KillOnPanic(u32);
+    impl Drop for KillOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                if let Ok(p) = libc::pid_t::try_from(self.0) {
+                    // SAFETY: kill(2) on the PID of our own child.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+    let _guard = KillOnPanic(pid);
     std::thread::sleep(Duration::from_secs(2));
     let early = rss_kib(pid);
     std::thread::sleep(Duration::from_secs(8));
