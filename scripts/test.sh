@@ -3,7 +3,8 @@
 #   1. format and lints          cargo fmt --check, cargo clippy --all-targets -D warnings
 #   2. unit + KVM + guest tests  cargo test --workspace (guest tests need /dev/kvm)
 #   3. release-only tests        the two-process ring test moves 10 million records
-#   4. loom models               RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release
+#   4. loom models               RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release, and the
+#                                check that a deliberately broken ordering fails a model
 #   5. the emulated-SVM rig      a stock Debian kernel under real kvm_amd (RIG=0 skips it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,10 @@ cargo test --release -p pipeline --test two_process
 
 step "loom models"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p loom-tests --release
+
+step "loom catches a deliberately broken ordering (a Relaxed publish where Release is needed)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+    cargo test -p loom-tests --release --features broken-ordering --test broken_ordering
 
 if [ "${RIG:-1}" != 0 ] && [ -x rig/test/run-ci.sh ]; then
     step "emulated-SVM rig (stock Linux on kvm_amd inside TCG)"
