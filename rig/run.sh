@@ -19,6 +19,8 @@
 #   --machines "LIST"    QEMU machine types for --peer (default "pc microvm"); for
 #                        --compare the VMMs, in order (default "bhyve pc microvm";
 #                        bhyve-pvh = ours booting the ELF vmlinux through PVH)
+#   --cases "LIST"       --bhyve: which checks to run (default all: c1.quiet c1.verbose
+#                        c2.quiet c2.verbose c1.reboot c1.pvh hostile l1.dmesg)
 #   --no-count-exits     --peer, --compare: skip the extra run that counts exits
 #   --profile            --compare: two more runs per VMM: a timeline from L1's
 #                        trace buffer, and initcall_debug with our exit trace
@@ -69,6 +71,7 @@ machines=
 count_exits=1
 profile=0
 variants=()
+cases="c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh hostile l1.dmesg"
 guest_append=
 guest_timeout=
 with_qemu=0
@@ -87,6 +90,7 @@ while (($#)); do
         --compare) need "$@"; mode=compare; bhyve_bin=$2; shift 2 ;;
         --profile) profile=1; shift ;;
         --variant) need "$@"; variants+=("$2"); shift 2 ;;
+        --cases) need "$@"; cases=$2; shift 2 ;;
         --payload) need "$@"; mode=payload; payload_src=$2; shift 2 ;;
         --runs) need "$@"; runs=$2; shift 2 ;;
         --machines) need "$@"; machines=$2; shift 2 ;;
@@ -117,6 +121,10 @@ fi
 if [[ -z $machines ]]; then
     if [[ $mode == compare ]]; then machines="bhyve pc microvm"; else machines="pc microvm"; fi
 fi
+for c in $cases; do
+    [[ " c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh hostile l1.dmesg " == *" $c "* ]] ||
+        rig_die "$RIG_EX_USAGE" usage "--cases: unknown case '$c' (see --help)"
+done
 variant_names=" "
 for v in "${variants[@]}"; do
     [[ $mode == compare ]] || rig_die "$RIG_EX_USAGE" usage "--variant is for --compare"
@@ -138,7 +146,7 @@ fi
 if [[ -z $outer_timeout ]]; then
     case $mode in
         peer) outer_timeout=$(($(wc -w <<<"$machines") * (runs + count_exits) * (guest_timeout + 10) + 180)) ;;
-        bhyve) outer_timeout=$((6 * (guest_timeout + 10) + 3 * 40 + 180)) ;;
+        bhyve) outer_timeout=$((6 * (guest_timeout + 10) + 4 * 40 + 180)) ;;
         compare) outer_timeout=$(($(wc -w <<<"$machines") * (1 + runs + count_exits + 2 * profile) * (guest_timeout + 10) + 180)) ;;
         *) outer_timeout=1200 ;;
     esac
@@ -295,6 +303,7 @@ if [[ $mode == peer || $mode == bhyve || $mode == compare ]]; then
         printf 'RIG_MACHINES=%q\n' "$machines"
         printf 'RIG_COUNT_EXITS=%s\n' "$count_exits"
         printf 'RIG_PROFILE=%s\n' "$profile"
+        printf 'RIG_CASES=%q\n' "$cases"
         printf "RIG_GUEST_APPEND='%s'\n" "${guest_append//\'/}"
         printf 'RIG_GUEST_TIMEOUT=%s\n' "$guest_timeout"
     } >"$stage/payload/rig.conf"
@@ -383,7 +392,7 @@ report_failure() { # STATUS STEP MESSAGE: say which step failed, show the consol
     cat "$results"
     printf '%s: FAILED step=%s: %s\n' "$RIG_PROG" "$step" "$msg" >&2
     printf '%s: last 40 lines of the outer VM console (%s):\n' "$RIG_PROG" "$log" >&2
-    tail -n 40 "$clean" | sed 's/^/  | /' >&2
+    tail -n 40 "$clean" | awk '{ print "  | " $0 }' >&2
     exit "$st"
 }
 if [[ -z $status ]]; then
@@ -416,14 +425,14 @@ if [[ $status != 0 ]]; then
         first=$(sed -n '1s/^RIG-FAIL step=[^ ]* \([^:]*\):.*/\1/p' <<<"$fails")
         if [[ -n $first && -f $out/consoles/$first.log ]]; then
             printf '%s: last 40 lines of the console of %s (%s):\n' "$RIG_PROG" "$first" "$out/consoles/$first.log" >&2
-            tail -n 40 "$out/consoles/$first.log" | sed 's/^/  | /' >&2
+            tail -n 40 "$out/consoles/$first.log" | awk '{ print "  | " $0 }' >&2
         else
             printf '%s: last 40 lines of the outer VM console (%s):\n' "$RIG_PROG" "$log" >&2
-            tail -n 40 "$clean" | sed 's/^/  | /' >&2
+            tail -n 40 "$clean" | awk '{ print "  | " $0 }' >&2
         fi
     else
         printf '%s: FAILED step=payload: the payload exited with status %s\n' "$RIG_PROG" "$status" >&2
-        tail -n 40 "$clean" | sed 's/^/  | /' >&2
+        tail -n 40 "$clean" | awk '{ print "  | " $0 }' >&2
     fi
     exit "$status"
 fi

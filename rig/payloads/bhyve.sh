@@ -1,9 +1,25 @@
 # shellcheck shell=sh
-# Payload for `rig/run.sh --bhyve PATH`, run by busybox sh inside the outer VM
-# (L1). Our bhyve (copied to /payload/bhyve) boots the guest from
-# guest-linux/fetch.sh on L1's kvm_amd: 1 and 2 vCPUs, each with a quiet and a
-# full serial console, expecting exit status 1 (poweroff) and the guest to see
-# the vCPUs it was given; then one guest reboot, expecting exit status 0.
+# Payload for `rig/run.sh --bhyve PATH`, run by busybox sh inside the outer VM (L1).
+# Our bhyve (copied to /payload/bhyve) boots the guest from guest-linux/fetch.sh on L1's
+# kvm_amd; every check below is a RIG-RESULT and, if wrong, a RIG-FAIL:
+#
+#   bhyve_cN.quiet      -c N (1, 2), quiet, bhyvers.test=info,dmesg,poweroff: exit 1
+#                       (poweroff), the marker, the guest sees N vCPUs, and its own dmesg
+#                       shows our platform (dmesg_check) with no unexpected warning
+#   bhyve_cN.verbose    the same with a full serial console (info,poweroff): exit 1, the
+#                       kernel's own "Preparing to enter system sleep state S5" on the console
+#   bhyve_c1.reboot     bhyvers.test=info,reboot: exit 0
+#   bhyve_c1.pvh        the ELF vmlinux through PVH (-o boot.protocol=pvh), quiet,
+#                       info,dmesg,poweroff: as bhyve_c1.quiet
+#   hostile_*           a truncated bzImage (half of it; and only its first 600 bytes), a
+#                       file that is not a kernel (64 KiB of random bytes), an initramfs
+#                       larger than guest memory (100 MiB made here with dd, -m 128M: with
+#                       -m 64M the kernel alone does not fit): exit 4 (error) and a message
+#                       on stderr that says why (HOSTILE.message)
+#   l1.dmesg            L1's own kernel log after all runs: no WARNING/BUG/Call Trace (our
+#                       ioctls must not trip kvm_amd)
+# RIG_CASES (rig/run.sh --cases) selects among c1.quiet c1.verbose c2.quiet c2.verbose
+# c1.reboot c1.pvh hostile l1.dmesg (default: all).
 # Settings come from /payload/rig.conf (written by rig/run.sh).
 # shellcheck source-path=SCRIPTDIR source=../l1/harness.sh
 . /rig/harness.sh
@@ -11,8 +27,13 @@
 . /payload/rig.conf
 
 kernel=/payload/guest/vmlinuz
+vmlinux=/payload/guest/vmlinux
 initrd=/payload/guest/initramfs.cpio
 extra=${RIG_GUEST_APPEND:+ $RIG_GUEST_APPEND}
+cases=" ${RIG_CASES:-c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh hostile l1.dmesg} "
+want() { case $cases in *" $1 "*) return 0 ;; esac; return 1; }
+socks=/tmp/bhyve-sockets
+mkdir -p "$socks"
 
 exit_name() { # bhyve(8) exit statuses
     case $1 in
@@ -21,24 +42,143 @@ exit_name() { # bhyve(8) exit statuses
     esac
 }
 
-run_bhyve() { # NAME CPUS EXPECT CMDLINE
-    rig_guest_run "$1" "$RIG_GUEST_TIMEOUT" "$3" /payload/bhyve -c "$2" -m 256M -l com1,stdio \
-        -o "boot.kernel=$kernel" -o "boot.initrd=$initrd" -o "boot.cmdline=$4" "rig-$2"
-    ret=$?
-    rig_result "$1.exit" "$(exit_name "$(sed -n "s/^$1[.]vmm_status=//p" "$RIG_RESULTS" | tail -n 1)")"
-    if [ -f "/tmp/$1.console" ] && grep -q "^$RIG_MARKER" "/tmp/$1.console"; then
-        seen=$(sed -n 's/^BHYVE-RS-INFO cpus=//p' "/tmp/$1.console" | tr -d '\r')
-        rig_result "$1.guest_cpus" "${seen:-unknown}"
-        if [ "$ret" = 0 ] && [ -n "$seen" ] && [ "$seen" != "$2" ]; then
-            rig_fail guest-cpus 1 "$1: the guest saw $seen vCPUs, bhyve was given $2"
+# dmesg_check NAME: the guest's own kernel log (between BHYVE-RS-DMESG-BEGIN/-END in its
+# console) must show the platform we give it, and no warning but the two known ones.
+dmesg_check() {
+    name=$1 log=/tmp/$1.dmesg
+    tr -d '\r' <"/tmp/$name.console" | sed -n '/^BHYVE-RS-DMESG-BEGIN/,/^BHYVE-RS-DMESG-END/p' >"$log"
+    if ! grep -q '^BHYVE-RS-DMESG-END' "$log"; then
+        rig_result "$name.dmesg" missing
+        rig_fail dmesg-check 1 "$name: the guest's dmesg is missing from its console"
+        return 0
+    fi
+    rig_result "$name.dmesg_lines" "$(($(wc -l <"$log") - 2))"
+    # what  pattern (busybox grep -E)
+    for check in \
+        "uart|ttyS0 at I/O 0x3f8 \(irq = 4, base_baud = [0-9]+\) is a 16550A" \
+        "ioapic|IOAPIC\[0\]: apic_id 0, version [0-9]+, address 0xfec00000" \
+        "ioapic_routing|ACPI: Using IOAPIC for interrupt routing" \
+        "clocksource|clocksource: Switched to clocksource [a-z_-]+" \
+        "rtc|rtc_cmos [^ ]+: setting system clock to" \
+        "acpi_s5|ACPI: PM: \(supports S0 S5\)"; do
+        what=${check%%|*} pattern=${check#*|}
+        line=$(grep -E -m 1 "$pattern" "$log" | sed 's/^\[[^]]*\] //')
+        if [ -n "$line" ]; then
+            rig_result "$name.dmesg_$what" "ok: $line"
+        else
+            rig_result "$name.dmesg_$what" missing
+            rig_fail dmesg-check 1 "$name: the guest's dmesg lacks /$pattern/"
         fi
+    done
+    # Warnings: a WARN block ("cut here" .. "end trace") is known harmless only if it is
+    # the XSAVE consistency warning (TCG's CPUID leaf 0xD sizes, see hw-virt-rig.md).
+    # Every other WARNING:/BUG:/Call Trace line, inside a block or not, fails the check.
+    bad=$(awk '
+        /-+\[ cut here \]-+/ { inblk = 1; known = 0; n = 0; next }
+        inblk && /XSAVE consistency problem|arch\/x86\/kernel\/fpu\/xstate\.c/ { known = 1 }
+        inblk { buf[++n] = $0 }
+        inblk && /---\[ end trace/ {
+            if (!known) for (i = 1; i <= n; i++) if (buf[i] ~ /WARNING:|BUG:|Call Trace/) print buf[i]
+            inblk = 0; next
+        }
+        !inblk && /WARNING:|BUG:|Call Trace/ { print }
+        END { if (inblk && !known) for (i = 1; i <= n; i++) if (buf[i] ~ /WARNING:|BUG:|Call Trace/) print buf[i] }
+    ' "$log" | head -n 5)
+    known=$(grep -c 'XSAVE consistency problem' "$log")
+    if [ -n "$bad" ]; then
+        rig_result "$name.dmesg_warnings" "unexpected: $(echo "$bad" | head -n 1)"
+        rig_fail dmesg-check 1 "$name: unexpected warning in the guest's dmesg: $(echo "$bad" | tr '\n' '|')"
+    else
+        rig_result "$name.dmesg_warnings" "none unexpected (known XSAVE WARN: $known)"
+    fi
+}
+
+run_bhyve() { # NAME CPUS EXPECT CMDLINE [KERNEL-OPTIONS...]
+    name=$1 cpus=$2 expect=$3 cmdline=$4
+    shift 4
+    [ $# -gt 0 ] || set -- -o "boot.kernel=$kernel"
+    rig_guest_run "$name" "$RIG_GUEST_TIMEOUT" "$expect" /payload/bhyve -c "$cpus" -m 256M -l com1,stdio \
+        "$@" -o "boot.initrd=$initrd" -o "boot.cmdline=$cmdline" -o "vmm.socket_dir=$socks" "rig-$cpus"
+    ret=$?
+    rig_result "$name.exit" "$(exit_name "$(sed -n "s/^${name}[.]vmm_status=//p" "$RIG_RESULTS" | tail -n 1)")"
+    if [ -f "/tmp/$name.console" ] && grep -q "^$RIG_MARKER" "/tmp/$name.console"; then
+        seen=$(sed -n 's/^BHYVE-RS-INFO cpus=//p' "/tmp/$name.console" | tr -d '\r')
+        rig_result "$name.guest_cpus" "${seen:-unknown}"
+        if [ "$ret" = 0 ] && [ "$seen" != "$cpus" ]; then
+            rig_fail guest-cpus 1 "$name: the guest saw ${seen:-no} vCPUs, bhyve was given $cpus"
+        fi
+        case $cmdline in *bhyvers.test=*dmesg*) dmesg_check "$name" ;; esac
+    fi
+}
+
+# The kernel's own console shows it powering off through ACPI S5 (printed after /init
+# asked for it, so it cannot be in the dmesg the guest dumps before).
+s5_check() { # NAME
+    if tr -d '\r' <"/tmp/$1.console" | grep -q 'ACPI: PM: Preparing to enter system sleep state S5'; then
+        rig_result "$1.acpi_s5_poweroff" ok
+    else
+        rig_result "$1.acpi_s5_poweroff" missing
+        rig_fail acpi-poweroff 1 "$1: no 'Preparing to enter system sleep state S5' on the kernel's console"
     fi
 }
 
 for cpus in 1 2; do
-    run_bhyve "bhyve_c$cpus.quiet" "$cpus" 1 "console=ttyS0 panic=-1 quiet bhyvers.test=info,poweroff$extra"
-    run_bhyve "bhyve_c$cpus.verbose" "$cpus" 1 "console=ttyS0 panic=-1 bhyvers.test=info,poweroff$extra"
+    want "c$cpus.quiet" &&
+        run_bhyve "bhyve_c$cpus.quiet" "$cpus" 1 "console=ttyS0 panic=-1 quiet bhyvers.test=info,dmesg,poweroff$extra"
+    if want "c$cpus.verbose"; then
+        run_bhyve "bhyve_c$cpus.verbose" "$cpus" 1 "console=ttyS0 panic=-1 bhyvers.test=info,poweroff$extra"
+        [ -f "/tmp/bhyve_c$cpus.verbose.console" ] && grep -q "^$RIG_MARKER" "/tmp/bhyve_c$cpus.verbose.console" &&
+            s5_check "bhyve_c$cpus.verbose"
+    fi
 done
-run_bhyve "bhyve_c1.reboot" 1 0 "console=ttyS0 panic=-1 quiet bhyvers.test=info,reboot$extra"
+want c1.reboot && run_bhyve bhyve_c1.reboot 1 0 "console=ttyS0 panic=-1 quiet bhyvers.test=info,reboot$extra"
+want c1.pvh && run_bhyve bhyve_c1.pvh 1 1 "console=ttyS0 panic=-1 quiet bhyvers.test=info,dmesg,poweroff$extra" \
+    -o "boot.kernel=$vmlinux" -o boot.protocol=pvh
 rig_summary "^bhyve_c[0-9][.]quiet[.]start_to_marker_s\$" "bhyve.quiet_start_to_marker_s"
+
+# Hostile input: bhyve must refuse with exit 4 and say why on stderr.
+hostile() { # NAME MEM MESSAGE-PATTERN KERNEL INITRD
+    name=$1 mem=$2 want=$3 k=$4 i=$5
+    echo "RIG-STEP run $name"
+    timeout -s KILL 40 timeout 30 /payload/bhyve -c 1 -m "$mem" -l com1,stdio -o "boot.kernel=$k" \
+        -o "boot.initrd=$i" -o "boot.cmdline=console=ttyS0 panic=-1 quiet" -o "vmm.socket_dir=$socks" \
+        "rig-$name" </dev/null >"/tmp/$name.out" 2>"/tmp/$name.err"
+    status=$?
+    msg=$(grep -m 1 . "/tmp/$name.err" | tr -d '\r')
+    echo "RIG-CONSOLE-BEGIN $name"
+    cat "/tmp/$name.out" "/tmp/$name.err" | sed "s/^/$name| /"
+    echo "RIG-CONSOLE-END $name"
+    rig_result "$name.vmm_status" "$status"
+    rig_result "$name.exit" "$(exit_name "$status")"
+    rig_result "$name.message" "${msg:-none}"
+    if [ "$status" != 4 ]; then
+        rig_fail vmm-status 25 "$name: bhyve exit status $status ($(exit_name "$status")), expected 4 (error)"
+    elif ! echo "$msg" | grep -qE "$want"; then
+        rig_fail hostile-message 1 "$name: stderr does not say why (want /$want/): ${msg:-nothing}"
+    fi
+}
+if want hostile; then
+    size=$(wc -c <"$kernel")
+    head -c $((size / 2)) "$kernel" >/tmp/truncated.bzImage
+    head -c 600 "$kernel" >/tmp/truncated-header.bzImage
+    dd if=/dev/urandom of=/tmp/not-a-kernel bs=1024 count=64 2>/dev/null
+    dd if=/dev/zero of=/tmp/initrd-100M bs=1048576 count=100 2>/dev/null
+    hostile hostile_truncated 256M '[Tt]runcated' /tmp/truncated.bzImage "$initrd"
+    hostile hostile_truncated_header 256M '[Tt]runcated' /tmp/truncated-header.bzImage "$initrd"
+    hostile hostile_not_a_kernel 256M '[Uu]nrecogni[sz]ed|not a kernel|magic' /tmp/not-a-kernel "$initrd"
+    hostile hostile_initrd_too_big 128M 'initrd|[Mm]odule|does not fit|too (big|large)' "$kernel" /tmp/initrd-100M
+    rm -f /tmp/truncated.bzImage /tmp/truncated-header.bzImage /tmp/not-a-kernel /tmp/initrd-100M
+fi
+
+# L1's kernel log: kvm_amd must not have warned about anything we did. L1 logging the
+# guest's unhandled WRMSR 0xc0010007 is known noise (not a WARNING line anyway).
+bad=$(dmesg | grep -E 'WARNING:|BUG:|Call Trace' | grep -v 'Unhandled WRMSR' | head -n 3)
+if ! want l1.dmesg; then
+    :
+elif [ -n "$bad" ]; then
+    rig_result l1.dmesg "unexpected: $(echo "$bad" | head -n 1)"
+    rig_fail l1-dmesg 1 "L1's kernel log has a warning: $(echo "$bad" | tr '\n' '|')"
+else
+    rig_result l1.dmesg "no warnings ($(dmesg | grep -c 'Unhandled WRMSR') unhandled-WRMSR notes)"
+fi
 exit "$RIG_STATUS"

@@ -2,9 +2,13 @@
 # Self-test of the rig: each case runs rig/run.sh for real (one outer VM at a
 # time) and checks what a user sees: the exit status and the "FAILED step=" line.
 #
-#   rig/test/selftest.sh [CASE...]     cases: bhyve-pass marker-missing module-load
-#                                      guest-timeout payload-timeout (default: all, ~2.5 min cached)
-# Prints "N passed, M failed"; exit status 0 only if every case passed.
+#   rig/test/selftest.sh [--bhyve PATH] [CASE...]
+#       cases: bhyve-pass marker-missing module-load guest-timeout payload-timeout
+#              bhyve-marker-missing (default: all, ~4 min cached)
+#   --bhyve PATH   our static bhyve, for bhyve-marker-missing (which is skipped, and
+#                  says so, without it; the environment's RIG_SELFTEST_BHYVE works too)
+# Prints "N passed, M failed, K skipped"; exit status 0 only if no case failed. Each
+# case's stderr is kept in $RIG_SELFTEST_KEEP/CASE.err when that is set.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -13,6 +17,13 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0
 failed=0
+skipped=0
+bhyve=${RIG_SELFTEST_BHYVE:-}
+if [[ ${1:-} == --bhyve ]]; then
+    [[ $# -ge 2 ]] || { echo "selftest: --bhyve needs a path" >&2; exit 2; }
+    bhyve=$2
+    shift 2
+fi
 
 # check NAME WANT_STATUS WANT_STEP -- RUN.SH ARGS...: WANT_STEP "" = no failure line
 check() {
@@ -23,6 +34,11 @@ check() {
     "$run" --out "$work/$name" "$@" >"$work/$name.out" 2>"$work/$name.err"
     got=$?
     set -e
+    if [[ -n ${RIG_SELFTEST_KEEP:-} ]]; then
+        mkdir -p "$RIG_SELFTEST_KEEP"
+        cp "$work/$name.err" "$RIG_SELFTEST_KEEP/$name.err"
+        cp "$work/$name.out" "$RIG_SELFTEST_KEEP/$name.out"
+    fi
     local ok=1
     [[ $got == "$want" ]] || ok=0
     if [[ -n $step ]]; then
@@ -41,7 +57,7 @@ check() {
 }
 
 cases=("$@")
-((${#cases[@]})) || cases=(bhyve-pass marker-missing module-load guest-timeout payload-timeout)
+((${#cases[@]})) || cases=(bhyve-pass marker-missing module-load guest-timeout payload-timeout bhyve-marker-missing)
 for c in "${cases[@]}"; do
     case $c in
         # The --bhyve payload end to end, with a stand-in that boots the guest
@@ -50,6 +66,17 @@ for c in "${cases[@]}"; do
         # A guest that cannot reach its init: the rig says "marker-missing" (23).
         marker-missing) check "$c" 23 marker-missing -- --peer --runs 1 --machines pc --no-count-exits \
             --guest-append 'rdinit=/nonexistent init=/nonexistent' ;;
+        # The same with our bhyve: every boot of the --bhyve payload panics without an init,
+        # so the run must fail with marker-missing (23), not pass.
+        bhyve-marker-missing)
+            if [[ -z $bhyve ]]; then
+                echo "selftest: $c: SKIPPED (no --bhyve PATH / RIG_SELFTEST_BHYVE)" >&2
+                skipped=$((skipped + 1))
+            else
+                check "$c" 23 marker-missing -- --bhyve "$bhyve" --guest-timeout 60 \
+                    --cases "c1.quiet c1.pvh" --guest-append 'rdinit=/nonexistent init=/nonexistent'
+            fi
+            ;;
         # An outer CPU without SVM: kvm_amd does not load (21).
         module-load) check "$c" 21 module-load -- --payload "$here/payload-true" --l1-cpu qemu64,-svm ;;
         # An inner VMM that ignores SIGTERM: killed, reported as a guest timeout (24).
@@ -59,5 +86,5 @@ for c in "${cases[@]}"; do
         *) echo "selftest: unknown case '$c'" >&2; exit 2 ;;
     esac
 done
-echo "$passed passed, $failed failed"
+echo "$passed passed, $failed failed, $skipped skipped"
 [[ $failed == 0 ]]
