@@ -720,6 +720,10 @@ impl<T: Record> Ring<T> {
 }
 
 /// The writing end of a ring. Exactly one exists per ring at a time.
+///
+/// `repr(C)` only to keep the fields the hot path touches (`tail`, `limit`, `mask`, `slots`,
+/// `header`) together at the front, in one cache line.
+#[repr(C)]
 pub struct Producer<T: Record> {
     /// Next index to write; the truth (never read back from shared memory).
     tail: u64,
@@ -828,7 +832,7 @@ impl<T: Record> Producer<T> {
 
     /// Append one record and publish it (waking a sleeping consumer if, and only if, it has set
     /// the wake flag). Gives the record back if the ring is full or the handle is poisoned.
-    #[inline]
+    #[inline(always)]
     pub fn try_push(&mut self, record: T) -> Result<(), T> {
         if self.tail == self.limit && self.refresh_head() == 0 {
             return Err(record);
@@ -961,6 +965,10 @@ impl<T: Record> Drop for Producer<T> {
 }
 
 /// The reading end of a ring. Exactly one exists per ring at a time.
+///
+/// `repr(C)` only to keep the hot fields (`head`, `cached_tail`, `mask`, `slots`, `header`)
+/// together at the front, in one cache line.
+#[repr(C)]
 pub struct Consumer<T: Record> {
     /// Next index to read; the truth.
     head: u64,
@@ -1038,7 +1046,7 @@ impl<T: Record> Consumer<T> {
 
     /// Take the oldest record, `Ok(None)` if the ring is empty, or the corruption that
     /// poisoned this handle.
-    #[inline]
+    #[inline(always)]
     pub fn try_pop(&mut self) -> Result<Option<T>, RingError> {
         if self.head == self.cached_tail && self.refresh_tail()? == 0 {
             return Ok(None);
