@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# CI entry for the emulated-SVM rig: a stock Debian kernel booted by our bhyve on real
+# kvm_amd inside QEMU's TCG (scripts/test.sh runs it when it is executable).
+#
+#   rig/test/run-ci.sh [--out DIR] [--bhyve PATH] [--skip-selftest] [--compare]
+#
+# Steps, each timed and reported PASS / FAIL / SKIP:
+#   host-tools   apt-get install what is missing: qemu-system-x86 (the outer VM), cpio,
+#                kmod (depmod), lz4 (the ELF vmlinux inside the bzImage); needs root then
+#   build        our bhyve, statically linked (L1 has no libc):
+#                RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=target/static
+#                cargo build --release --target x86_64-unknown-linux-gnu -p bhyve
+#                (--bhyve PATH: use that binary instead, no build)
+#   rig          rig/run.sh --bhyve: bzImage with 1 and 2 vCPUs, quiet and not, power-off
+#                (status 1) and reboot (status 0), the ELF vmlinux through PVH, the guest's
+#                own dmesg (our 16550A, I/O APIC, clocksource, RTC, ACPI S5; no unexpected
+#                warning), hostile inputs (status 4 and a reason), L1's log
+#   selftest     rig/test/selftest.sh bhyve-marker-missing: the same rig must FAIL
+#                (marker-missing) when the guest cannot reach its init
+#   compare      only with --compare (or RIG_CI_COMPARE=1): ours and QEMU -M pc / -M microvm
+#                side by side (figures, not a pass/fail bar; a run that breaks fails it)
+#
+# Environment: BHYVE_RS_CACHE (downloads and built archives, default <repo>/.cache),
+# RIG_CI_TARGET_DIR (default target/static), RIG_CI_GUEST_TIMEOUT (one inner VM, default
+# 150 s), RIG_CI_TIMEOUT (the whole outer VM of the rig step, default 840 s).
+# Output: DIR (default .cache/rig/ci/DATE) holds STEP.log per step and each rig run's folder
+# (results.txt, console.log, consoles/). Exit status 0 if every step passed, 1 if one
+# failed (named on the last line, with the tail of its log), 2 usage.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cd "$repo"
+
+out=
+bhyve=
+selftest=1
+compare=${RIG_CI_COMPARE:-0}
+while (($#)); do
+    case $1 in
+        --out) [[ $# -ge 2 ]] || { echo "run-ci: --out needs a folder" >&2; exit 2; }; out=$2; shift 2 ;;
+        --bhyve) [[ $# -ge 2 ]] || { echo "run-ci: --bhyve needs a path" >&2; exit 2; }; bhyve=$2; shift 2 ;;
+        --skip-selftest) selftest=0; shift ;;
+        --compare) compare=1; shift ;;
+        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "run-ci: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+cache=${BHYVE_RS_CACHE:-$repo/.cache}
+[[ -n $out ]] || out=$cache/rig/ci/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+target=${RIG_CI_TARGET_DIR:-target/static}
+guest_timeout=${RIG_CI_GUEST_TIMEOUT:-150}
+outer_timeout=${RIG_CI_TIMEOUT:-840}
+
+summary=()
+failed=
+t_all=$(date +%s)
+
+# step NAME CMD...: run CMD, its output into NAME.log; record PASS/FAIL and the time.
+step() {
+    local name=$1 t0 rc
+    shift
+    printf '\n=== rig CI: %s\n' "$name"
+    t0=$(date +%s)
+    set +e
+    "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    set -e
+    local took=$(($(date +%s) - t0))
+    if [[ $rc == 0 ]]; then
+        summary+=("PASS  $name (${took}s)")
+        echo "rig CI: $name passed in ${took}s"
+    else
+        summary+=("FAIL  $name (${took}s, status $rc): see $out/$name.log")
+        [[ -n $failed ]] || failed=$name
+        echo "rig CI: $name FAILED (status $rc) after ${took}s; last 40 lines of $out/$name.log:"
+        tail -n 40 "$out/$name.log" | awk '{ print "  | " $0 }'
+    fi
+    return "$rc"
+}
+skip() { summary+=("SKIP  $1 ($2)"); printf '\n=== rig CI: %s skipped: %s\n' "$1" "$2"; }
+
+host_tools() {
+    local missing=()
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+    command -v cpio >/dev/null || missing+=(cpio)
+    command -v depmod >/dev/null || [[ -x /usr/sbin/depmod || -x /sbin/depmod ]] || missing+=(kmod)
+    command -v lz4 >/dev/null || missing+=(lz4)
+    for t in apt-get apt-cache dpkg-deb; do
+        command -v "$t" >/dev/null || { echo "run-ci: $t is missing: the rig needs a Debian host"; return 1; }
+    done
+    if ((${#missing[@]} == 0)); then
+        echo "run-ci: host tools present"
+        return 0
+    fi
+    [[ $(id -u) == 0 ]] || { echo "run-ci: missing ${missing[*]}: run 'apt-get install ${missing[*]}' as root"; return 1; }
+    echo "run-ci: installing ${missing[*]}"
+    apt-get update -qq || { echo "run-ci: apt-get update failed"; return 1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+        { echo "run-ci: apt-get install ${missing[*]} failed"; return 1; }
+}
+
+# Step functions run with errexit off (step collects their status): every command that
+# matters is checked.
+build() {
+    RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$target \
+        cargo build --release --target x86_64-unknown-linux-gnu -p bhyve ||
+        { echo "run-ci: cargo build failed"; return 1; }
+    local bin=$target/x86_64-unknown-linux-gnu/release/bhyve
+    [[ -x $bin ]] || { echo "run-ci: the build left no $bin"; return 1; }
+    if command -v file >/dev/null; then file -L "$bin"; fi
+}
+
+# The rig's results, the checks first, into the log and onto stdout.
+show_results() { # RESULTS-FILE
+    [[ -f $1 ]] || return 0
+    grep -E '[.](exit|marker|guest_cpus|acpi_s5_poweroff|message|start_to_marker_s)=|[.]dmesg_|^l1[.]dmesg=|^rig[.]' "$1" || true
+}
+
+rig() {
+    local rc=0
+    rig/run.sh --bhyve "$bhyve" --guest-timeout "$guest_timeout" --timeout "$outer_timeout" --out "$out/rig" || rc=$?
+    echo "--- checks (from $out/rig/results.txt)"
+    show_results "$out/rig/results.txt"
+    return "$rc"
+}
+
+selftest_marker_missing() {
+    local rc=0
+    RIG_SELFTEST_KEEP=$out/selftest rig/test/selftest.sh --bhyve "$bhyve" bhyve-marker-missing || rc=$?
+    echo "--- what the rig said when the guest could not reach its marker ($out/selftest/bhyve-marker-missing.err):"
+    cat "$out/selftest/bhyve-marker-missing.err" 2>/dev/null || echo "(none)"
+    return "$rc"
+}
+
+compare_run() {
+    local rc=0
+    rig/run.sh --compare "$bhyve" --guest-timeout "$guest_timeout" --out "$out/compare" || rc=$?
+    grep -E 'start_to_marker_s=min|[.]counted[.](exits|userspace_exits)=' "$out/compare/results.txt" || true
+    return "$rc"
+}
+
+echo "rig CI: output in $out"
+step host-tools host_tools || true
+if [[ -n $bhyve ]]; then
+    skip build "--bhyve $bhyve given"
+    bhyve=$(cd "$(dirname "$bhyve")" && pwd)/$(basename "$bhyve")
+elif [[ $failed == host-tools ]]; then
+    skip build "host tools missing"
+elif step build build; then
+    case $target in
+        /*) bhyve=$target/x86_64-unknown-linux-gnu/release/bhyve ;;
+        *) bhyve=$repo/$target/x86_64-unknown-linux-gnu/release/bhyve ;;
+    esac
+fi
+if [[ -z $bhyve || ! -x $bhyve ]]; then
+    skip rig "no bhyve binary"
+    skip selftest "no bhyve binary"
+else
+    step rig rig || true
+    if [[ $selftest == 1 ]]; then step selftest selftest_marker_missing || true; else skip selftest "--skip-selftest"; fi
+    if [[ $compare == 1 ]]; then step compare compare_run || true; else skip compare "figures only; --compare to run"; fi
+fi
+
+printf '\n=== rig CI summary (%ss in all; logs in %s)\n' "$(($(date +%s) - t_all))" "$out"
+printf '  %s\n' "${summary[@]}"
+if [[ -n $failed ]]; then
+    echo "rig CI: FAIL (first failed step: $failed)"
+    exit 1
+fi
+echo "rig CI: PASS"
