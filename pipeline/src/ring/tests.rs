@@ -640,8 +640,22 @@ fn read_round_trips_between_threads() {
     assert!(exits.wakeups() >= 1, "the pauses made the device side park");
 }
 
+/// Wait until this process is registered for membarrier (the first registration takes
+/// milliseconds, and a producer made while it is in flight fences instead of waiting).
+fn registered() -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !crate::warm_up() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
 #[test]
 fn the_producer_mode_is_recorded_in_the_header() {
+    assert!(registered(), "membarrier registration failed on this host");
     let (p, c) = crate::channel::<ExitRecord>(8);
     let mode = c.header().meta.producer_mode.load(Ordering::Relaxed);
     let expected = if p.uses_membarrier() {
@@ -659,8 +673,12 @@ fn the_producer_mode_is_recorded_in_the_header() {
 
 #[test]
 fn a_failed_membarrier_caps_every_park() {
+    assert!(registered(), "membarrier registration failed on this host");
     let (p, mut c) = crate::channel::<ExitRecord>(8);
-    assert!(p.uses_membarrier());
+    assert!(
+        p.uses_membarrier(),
+        "membarrier registration failed on this host"
+    );
     crate::barrier::FAIL_BARRIER_FOR_TEST.set(true);
     let out = c.wait_for_records(Duration::ZERO, Duration::from_millis(30));
     crate::barrier::FAIL_BARRIER_FOR_TEST.set(false);
