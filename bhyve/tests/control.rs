@@ -107,6 +107,17 @@ fn bhyvectl_sees_a_live_vm_and_hostile_clients_do_not_hurt_it() {
         "{regs}"
     );
 
+    // The live top-style view: two refreshes, each with a non-zero exit rate for vCPU 0.
+    let (st, top) = ctl(&dir, &["--vm=live", "--top=0.3", "--iterations=2"]);
+    assert_eq!(st, 0, "{top}");
+    let rates: Vec<f64> = top
+        .lines()
+        .filter(|l| l.starts_with("vcpu0"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(rates.len(), 2, "{top}");
+    assert!(rates.iter().all(|&r| r > 0.0), "exit rates move: {top}");
+
     // Hostile clients: random bytes, a huge length, a truncated header, wrong magic.
     let sock = dir.join("sock").join("live");
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;

@@ -261,6 +261,15 @@ fn vm_operations(
         }
         print(out, &text)?;
     }
+    if let Some(ms) = o.top {
+        top(
+            c,
+            name,
+            Duration::from_millis(u64::from(ms)),
+            o.iterations,
+            out,
+        )?;
+    }
     if o.get_stats || o.get_all {
         let request = Request::GetStats { vcpu: Some(vcpu) };
         let Reply::Stats(scopes) = call(c, &request)? else {
@@ -301,6 +310,78 @@ fn vm_operations(
         call(c, &Request::Suspend { how })?;
     }
     Ok(())
+}
+
+/// The counters `--top` shows a rate for, by the description bhyvectl prints.
+const TOP_COLUMNS: &[(&str, &str)] = &[
+    ("exits/s", "total number of vm exits"),
+    ("in/out", "number of times in/out was intercepted"),
+    ("mmio", "number of mmio exits"),
+    ("fast", "exits handled inline by an in-module device"),
+    (
+        "posted",
+        "exits posted to the device-model side without waiting",
+    ),
+    ("waited", "exits that waited for a device-model completion"),
+    ("unclaimed", "reads nobody claimed (all-ones returned)"),
+    ("records", "records processed"),
+];
+
+/// `--top`: a live view of per-second rates per vCPU and device-model thread, refreshed every
+/// `interval` (`iterations` refreshes, or until interrupted).
+fn top(
+    c: &mut Client,
+    name: &str,
+    interval: Duration,
+    iterations: Option<u32>,
+    out: &mut dyn Write,
+) -> Result<(), Failure> {
+    let mut prev: Option<(std::time::Instant, Vec<kmod::StatScope>)> = None;
+    let mut shown = 0u32;
+    loop {
+        let request = Request::GetStats { vcpu: None };
+        let Reply::Stats(scopes) = call(c, &request)? else {
+            return Err(unexpected(&request));
+        };
+        let now = std::time::Instant::now();
+        if let Some((then, before)) = &prev {
+            let dt = now.duration_since(*then).as_secs_f64().max(1e-6);
+            let mut text = format!(
+                "VM {name}: rates per second over {dt:.2} s\n{:<12}",
+                "scope"
+            );
+            for (h, _) in TOP_COLUMNS {
+                text.push_str(&format!("{h:>12}"));
+            }
+            text.push('\n');
+            for s in &scopes {
+                let old = before.iter().find(|b| b.scope == s.scope);
+                let value = |desc: &str| -> Option<f64> {
+                    let v = s.counters.iter().find(|(d, _)| d == desc)?.1;
+                    let o = old?.counters.iter().find(|(d, _)| d == desc)?.1;
+                    Some(v.saturating_sub(o) as f64 / dt)
+                };
+                if TOP_COLUMNS.iter().all(|(_, d)| value(d).is_none()) {
+                    continue;
+                }
+                text.push_str(&format!("{:<12}", s.scope));
+                for (_, d) in TOP_COLUMNS {
+                    match value(d) {
+                        Some(r) => text.push_str(&format!("{r:>12.0}")),
+                        None => text.push_str(&format!("{:>12}", "-")),
+                    }
+                }
+                text.push('\n');
+            }
+            print(out, &text)?;
+            shown += 1;
+            if iterations.is_some_and(|n| shown >= n) {
+                return Ok(());
+            }
+        }
+        prev = Some((now, scopes));
+        std::thread::sleep(interval);
+    }
 }
 
 /// The protocol version this bhyvectl speaks.

@@ -205,6 +205,10 @@ pub struct Options {
     pub get_stats: bool,
     /// `--json`: machine-readable `--get-stats`.
     pub json: bool,
+    /// `--top=SECONDS`: a live view of exit rates, refreshed every SECONDS (kept in ms).
+    pub top: Option<u32>,
+    /// `--iterations=N`: stop `--top` after N refreshes (default: until interrupted).
+    pub iterations: Option<u32>,
     /// `--get-memseg`.
     pub get_memseg: bool,
     /// `--get-memmap`.
@@ -252,6 +256,8 @@ impl Default for Options {
             get: Vec::new(),
             get_stats: false,
             json: false,
+            top: None,
+            iterations: None,
             get_memseg: false,
             get_memmap: false,
             set: Vec::new(),
@@ -279,6 +285,7 @@ impl Options {
         self.get_all
             || !self.get.is_empty()
             || self.get_stats
+            || self.top.is_some()
             || self.get_memseg
             || self.get_memmap
             || !self.set.is_empty()
@@ -353,6 +360,8 @@ fn takes_value(name: &str) -> bool {
     matches!(
         name,
         "vm" | "cpu"
+            | "top"
+            | "iterations"
             | "socket-dir"
             | "ncpus"
             | "suspend"
@@ -425,6 +434,22 @@ pub fn parse(args: &[String]) -> Result<Options, OptsError> {
             "get-all" => o.get_all = true,
             "get-stats" => o.get_stats = true,
             "json" => o.json = true,
+            "top" => {
+                let secs: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.1 && *s <= 3600.0)
+                    .ok_or_else(|| OptsError::BadValue {
+                        option: name.to_owned(),
+                        value: value.clone(),
+                        reason: "expected seconds between 0.1 and 3600".into(),
+                    })?;
+                // 0.1 s to an hour: the product is in 100..=3_600_000.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let ms = (secs * 1000.0).round() as u32;
+                o.top = Some(ms);
+            }
+            "iterations" => o.iterations = Some(number_u32(name, &value)?),
             "get-memseg" => o.get_memseg = true,
             "get-memmap" => o.get_memmap = true,
             "force-reset" => o.force_reset = true,
@@ -489,7 +514,7 @@ pub fn usage() -> String {
          \x20      [--create] [--ncpus=<n>]\n\
          \x20      [--destroy]\n\
          \x20      [--get-all]\n\
-         \x20      [--get-stats] [--json]\n\
+         \x20      [--get-stats] [--json] [--top=SECONDS [--iterations=N]]\n\
          \x20      [--get-memseg]\n\
          \x20      [--get-memmap]\n",
     );
