@@ -115,6 +115,7 @@ struct Samples {
     mbps: Vec<f64>,
     mbps_writes: Vec<f64>,
     rirqs: Vec<f64>,
+    discarded: u32,
 }
 
 struct Bench {
@@ -202,6 +203,13 @@ impl Bench {
             code, 1,
             "{what}: exit {code}\nstdout:\n{out}\nstderr:\n{err}"
         );
+        let mut head = vec![0u8; 1 << 20];
+        let mut f = std::fs::File::open(&self.image).expect("image");
+        f.read_exact(&mut head).expect("read image");
+        assert!(
+            head == pattern(seed, 1 << 20),
+            "{what}: the image does not hold the run's pattern at sector 0"
+        );
         let get = |kind: &str, key: &str| {
             field(&out, kind, key).unwrap_or_else(|| panic!("{what}: no {kind} {key}= in\n{out}"))
         };
@@ -212,19 +220,22 @@ impl Bench {
             get("swrite", "ns"),
             get("swrite", "writes_ns"),
         );
+        // The TSC figure must agree with the PM timer's (which adds two exits, a few µs): a TSC that
+        // jumped (or a calibration a preemption spoiled) discards the run rather than skewing it.
+        for (kind, ns) in [("rread", rns), ("swrite", wns)] {
+            let pm = get(kind, "pm_ns");
+            if ns.abs_diff(pm) > pm / 50 + 100_000 {
+                eprintln!("{what}: {kind} ns={ns} but pm_ns={pm}: run discarded\n{out}");
+                into.discarded += 1;
+                return;
+            }
+        }
         into.iops.push(self.reads as f64 * 1e9 / rns as f64);
         into.mbps
             .push((self.writes << 20) as f64 * 1e3 / wns as f64);
         into.mbps_writes
             .push((self.writes << 20) as f64 * 1e3 / wwns as f64);
         into.rirqs.push(get("rread", "irqs") as f64);
-        let mut head = vec![0u8; 1 << 20];
-        let mut f = std::fs::File::open(&self.image).expect("image");
-        f.read_exact(&mut head).expect("read image");
-        assert!(
-            head == pattern(seed, 1 << 20),
-            "{what}: the image does not hold the run's pattern at sector 0"
-        );
     }
 }
 
@@ -367,6 +378,36 @@ fn main() {
             q(tw),
             ratio(ow, tw),
         );
+    }
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("\nEvery run, in order (IOPS | MB/s to FLUSH done | MB/s writes only):");
+    for (i, c) in configs.iter().enumerate() {
+        let what = format!(
+            "{} qd={}/wqd={}",
+            if c.msix { "MSI-X" } else { "polled" },
+            c.qd,
+            c.wqd
+        );
+        for (who, s) in [("ours", &ours[i]), ("QEMU", &theirs[i])] {
+            if !s.iops.is_empty() || s.discarded > 0 {
+                println!(
+                    "- {what} {who}: {} | {} | {}{}",
+                    list(&s.iops),
+                    list(&s.mbps),
+                    list(&s.mbps_writes),
+                    if s.discarded > 0 {
+                        format!(" ({} discarded: TSC and PM timer disagreed)", s.discarded)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
     }
     println!(
         "\nMSI-X reads, interrupts per run (median): {}",
