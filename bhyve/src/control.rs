@@ -142,6 +142,11 @@ impl ControlTarget for VmTarget {
         Ok(())
     }
 
+    fn set_tracing(&self, on: bool) -> Result<(), TargetError> {
+        self.vm.set_tracing(on);
+        Ok(())
+    }
+
     fn pause(&self) -> Result<(), TargetError> {
         self.vm.pause().map_err(control_err)
     }

@@ -150,6 +150,9 @@ pub struct Config {
     pub print_histograms: bool,
     /// Trace every exit and write a Chrome trace / Perfetto JSON file here when the VM stops.
     pub trace_file: Option<PathBuf>,
+    /// Whether tracing is on from the start (`trace.enabled`; default: on when `trace.file` is
+    /// given). `bhyvectl --trace=on|off` switches it while the VM runs.
+    pub trace_enabled: Option<bool>,
     /// Write SVG plots (latency histogram, exit rate over time) into this directory.
     pub plots_dir: Option<PathBuf>,
     /// PCI device models.
@@ -193,6 +196,8 @@ Usage: bhyve [-AHPuw] [-c [cpus=]N] [-k config_file] [-l lpcdev[,conf]] [-m mems
         stats.histograms=true  print exit latency histograms (p50/p99/p99.9/max) at the stop
         stats.plots=DIR      write SVG plots: latency histogram, exit rate over time
         trace.file=PATH      trace every exit; write Chrome trace / Perfetto JSON at the stop
+        trace.enabled=BOOL   tracing on from the start (default: on with trace.file);
+                             bhyvectl --vm=NAME --trace=on|off switches it while running
         cpus.pin=false       do not pin vCPU threads to host CPUs
   -k  read key=value configuration variables from a file
   -A -H -P -u -w  accepted for compatibility (ACPI tables, HLT/PAUSE exits and UTC RTC are
@@ -501,6 +506,7 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
         pin: true,
         print_histograms: false,
         trace_file: None,
+        trace_enabled: None,
         plots_dir: None,
         pci: Vec::new(),
         vars: BTreeMap::new(),
@@ -572,6 +578,7 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
             "cpus.pin" => cfg.pin = parse_bool(k, v)?,
             "stats.histograms" => cfg.print_histograms = parse_bool(k, v)?,
             "trace.file" => cfg.trace_file = Some(PathBuf::from(v)),
+            "trace.enabled" => cfg.trace_enabled = Some(parse_bool(k, v)?),
             "stats.plots" => cfg.plots_dir = Some(PathBuf::from(v)),
             "vmm.tunables" => cfg.tunables = Some(PathBuf::from(v)),
             "vmm.socket_dir" => cfg.socket_dir = PathBuf::from(v),

@@ -506,7 +506,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     }
     let run_cfg = RunConfig {
         pin: cfg.pin,
-        trace: cfg.trace_file.is_some(),
+        trace: cfg.trace_enabled.unwrap_or(cfg.trace_file.is_some()),
         halt_detection: vmm.tunables().halt_detection,
         ..RunConfig::default()
     };

@@ -38,14 +38,16 @@ impl Drop for Vm {
     }
 }
 
-fn start(dir: &Path, name: &str) -> Vm {
+fn start(dir: &Path, name: &str, extra: &[&str]) -> Vm {
     assert!(Path::new("/dev/kvm").exists(), "needs /dev/kvm");
     guests::write_all(dir).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_bhyve"))
         .env("BHYVE_RS_SOCKET_DIR", dir.join("sock"))
         .args(["-l", "com1,null", "-o"])
         .arg(format!("boot.kernel={}", dir.join("hammer.elf").display()))
-        .args(["-o", "boot.cmdline=n=0", name])
+        .args(["-o", "boot.cmdline=n=0"])
+        .args(extra)
+        .arg(name)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -90,7 +92,13 @@ fn total_exits(text: &str) -> u64 {
 #[test]
 fn bhyvectl_sees_a_live_vm_and_hostile_clients_do_not_hurt_it() {
     let dir = std::env::temp_dir().join(format!("bhyve-ctl-{}", std::process::id()));
-    let mut vm = start(&dir, "live");
+    let trace = dir.join("trace.json");
+    let trace_opt = format!("trace.file={}", trace.display());
+    let mut vm = start(
+        &dir,
+        "live",
+        &["-o", &trace_opt, "-o", "trace.enabled=false"],
+    );
 
     let (st, a) = ctl(&dir, &["--vm=live", "--get-stats"]);
     assert_eq!(st, 0, "{a}");
@@ -117,6 +125,13 @@ fn bhyvectl_sees_a_live_vm_and_hostile_clients_do_not_hurt_it() {
         .collect();
     assert_eq!(rates.len(), 2, "{top}");
     assert!(rates.iter().all(|&r| r > 0.0), "exit rates move: {top}");
+
+    // Tracing switched on and off at run time.
+    let (st, out) = ctl(&dir, &["--vm=live", "--trace=on"]);
+    assert_eq!(st, 0, "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (st, out) = ctl(&dir, &["--vm=live", "--trace=off"]);
+    assert_eq!(st, 0, "{out}");
 
     // Hostile clients: random bytes, a huge length, a truncated header, wrong magic.
     let sock = dir.join("sock").join("live");
@@ -180,6 +195,14 @@ fn bhyvectl_sees_a_live_vm_and_hostile_clients_do_not_hurt_it() {
     let status = vm.0.wait().unwrap();
     assert_eq!(status.code(), Some(1), "power-off status");
     assert!(!sock.exists(), "the control socket goes with the VM");
+    // The trace holds the exits of the traced window only: some, not all.
+    let json = std::fs::read_to_string(&trace).unwrap();
+    let events = json.matches("\"ph\":\"X\"").count() as u64;
+    assert!(events > 0, "tracing switched on at run time recorded exits");
+    assert!(
+        events < total_exits(&c),
+        "and stopped when switched off ({events} events)"
+    );
     let (st, out) = ctl(&dir, &["--vm=live", "--get-stats"]);
     assert_ne!(st, 0);
     assert!(out.contains("live"), "a missing VM is named: {out}");

@@ -261,6 +261,9 @@ fn vm_operations(
         }
         print(out, &text)?;
     }
+    if let Some(on) = o.trace {
+        call(c, &Request::Trace { on })?;
+    }
     if let Some(ms) = o.top {
         top(
             c,

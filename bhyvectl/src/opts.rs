@@ -209,6 +209,8 @@ pub struct Options {
     pub top: Option<u32>,
     /// `--iterations=N`: stop `--top` after N refreshes (default: until interrupted).
     pub iterations: Option<u32>,
+    /// `--trace=on|off`: exit tracing, switched at run time.
+    pub trace: Option<bool>,
     /// `--get-memseg`.
     pub get_memseg: bool,
     /// `--get-memmap`.
@@ -258,6 +260,7 @@ impl Default for Options {
             json: false,
             top: None,
             iterations: None,
+            trace: None,
             get_memseg: false,
             get_memmap: false,
             set: Vec::new(),
@@ -286,6 +289,7 @@ impl Options {
             || !self.get.is_empty()
             || self.get_stats
             || self.top.is_some()
+            || self.trace.is_some()
             || self.get_memseg
             || self.get_memmap
             || !self.set.is_empty()
@@ -362,6 +366,7 @@ fn takes_value(name: &str) -> bool {
         "vm" | "cpu"
             | "top"
             | "iterations"
+            | "trace"
             | "socket-dir"
             | "ncpus"
             | "suspend"
@@ -450,6 +455,19 @@ pub fn parse(args: &[String]) -> Result<Options, OptsError> {
                 o.top = Some(ms);
             }
             "iterations" => o.iterations = Some(number_u32(name, &value)?),
+            "trace" => {
+                o.trace = Some(match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => {
+                        return Err(OptsError::BadValue {
+                            option: name.to_owned(),
+                            value: value.clone(),
+                            reason: "expected on or off".into(),
+                        })
+                    }
+                })
+            }
             "get-memseg" => o.get_memseg = true,
             "get-memmap" => o.get_memmap = true,
             "force-reset" => o.force_reset = true,
@@ -514,7 +532,7 @@ pub fn usage() -> String {
          \x20      [--create] [--ncpus=<n>]\n\
          \x20      [--destroy]\n\
          \x20      [--get-all]\n\
-         \x20      [--get-stats] [--json] [--top=SECONDS [--iterations=N]]\n\
+         \x20      [--get-stats] [--json] [--top=SECONDS [--iterations=N]] [--trace=on|off]\n\
          \x20      [--get-memseg]\n\
          \x20      [--get-memmap]\n",
     );

@@ -439,6 +439,8 @@ commands! {
     Pause = 12, "PAUSE";
     /// Lets parked vCPUs run again.
     Resume = 13, "RESUME";
+    /// Turns exit tracing on or off (u32: 1 on, 0 off).
+    Trace = 14, "TRACE";
     /// Creates a VM by name (module socket).
     Create = 32, "CREATE";
     /// Destroys a VM by name (module socket).
@@ -823,6 +825,11 @@ pub enum Request {
     Pause,
     /// `RESUME`.
     Resume,
+    /// `TRACE`: exit tracing on or off.
+    Trace {
+        /// On.
+        on: bool,
+    },
     /// `CREATE`.
     Create {
         /// The name.
@@ -1029,6 +1036,7 @@ impl Request {
             Request::Bind { .. } => Command::Bind,
             Request::Unbind { .. } => Command::Unbind,
             Request::Pause => Command::Pause,
+            Request::Trace { .. } => Command::Trace,
             Request::Resume => Command::Resume,
             Request::Create { .. } => Command::Create,
             Request::Destroy { .. } => Command::Destroy,
@@ -1062,6 +1070,7 @@ impl Request {
                 w.u32(*data);
             }
             Request::GetStats { vcpu } => w.u32(vcpu.unwrap_or(ALL_VCPUS)),
+            Request::Trace { on } => w.u32(u32::from(*on)),
             Request::Suspend { how } => {
                 let v = suspend_to_u32(*how).ok_or(ProtoError::BadValue {
                     what: "suspend reason",
@@ -1127,6 +1136,16 @@ impl Request {
             Command::Bind => Request::Bind { addr: r.pci()? },
             Command::Unbind => Request::Unbind { addr: r.pci()? },
             Command::Pause => Request::Pause,
+            Command::Trace => {
+                let v = r.u32("trace switch")?;
+                if v > 1 {
+                    return Err(ProtoError::BadValue {
+                        what: "trace switch",
+                        value: u64::from(v),
+                    });
+                }
+                Request::Trace { on: v == 1 }
+            }
             Command::Resume => Request::Resume,
             Command::Create => {
                 let ncpus = r.u32("vCPU count")?;

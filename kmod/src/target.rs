@@ -114,6 +114,11 @@ pub trait ControlTarget: Send + Sync {
     fn pause(&self) -> Result<(), TargetError>;
     /// Lets parked vCPUs run again.
     fn resume(&self) -> Result<(), TargetError>;
+    /// Turns exit tracing on or off. Not supported unless implemented.
+    fn set_tracing(&self, on: bool) -> Result<(), TargetError> {
+        let _ = on;
+        Err(TargetError::unsupported("This VM has no exit tracing"))
+    }
     /// Puts the VM back to its power-on state in place (vm_reinit). Not supported unless
     /// implemented.
     fn reset(&self) -> Result<(), TargetError> {

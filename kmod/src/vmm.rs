@@ -1192,6 +1192,11 @@ impl Handler for VmHandler {
                 t.resume().map_err(target_err)?;
                 Ok(Reply::Done)
             }
+            Request::Trace { on } => {
+                let t = self.running()?;
+                t.set_tracing(on).map_err(target_err)?;
+                Ok(Reply::Done)
+            }
         }
     }
 }

@@ -61,6 +61,8 @@ fn every_request() -> Vec<Request> {
         },
         Request::Pause,
         Request::Resume,
+        Request::Trace { on: true },
+        Request::Trace { on: false },
         Request::Create {
             name: "guest-ü".into(),
             ncpus: 4,
