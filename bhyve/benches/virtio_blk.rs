@@ -140,7 +140,7 @@ impl Bench {
             c.wqd
         );
         if let Some(p) = pmport {
-            s.push_str(&format!(" pmport={p}"));
+            s.push_str(&format!(" pmport={p} pmbits=24"));
         }
         s
     }
@@ -190,7 +190,7 @@ impl Bench {
         ])
         .arg(&self.guest)
         .arg("-append")
-        // QEMU's PIIX4 ACPI PM timer sits at 0x608 under -M pc.
+        // QEMU's PIIX4 ACPI PM timer sits at 0x608 under -M pc, 24 bits wide.
         .arg(self.cmdline(c, seed, Some(1544)));
         cmd
     }

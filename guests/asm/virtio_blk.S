@@ -19,10 +19,12 @@
 // used ring, or with msix=1 by waiting for the queue's interrupt before reaping. Prints
 //     BENCH rread ops=N qd=Q ns=T pm_ns=P iops=X irqs=K
 //     BENCH swrite ops=N bytes=B qd=Q segs=S ns=T writes_ns=W pm_ns=P mbps=Y irqs=K
-// (mbps: 10^6 bytes per second; irqs: interrupts on queue 0 during the run). The data buffers sit
+// (mbps: 10^6 bytes per second; irqs: interrupts on queue 0 during the run). pmbits= (24 or
+// default 32): the PM timer's width for these timings (QEMU's PIIX4 timer has 24 bits and wraps every
+// 4.7 s; wraps between the start and end readings are counted from the TSC). The data buffers sit
 // at guest-physical 32 MiB (BENCH_WBUF, BENCH_RBUF): the guest needs 64 MiB of memory.
 // Parameters: lba= (default 8), n= (1-16, default 8), seed= (default 1), ro=, bench=, rread=, qd=,
-// swrite=, wqd=, wseg=, wlba=; slot=, msix=, pmport= (virtio.inc).
+// swrite=, wqd=, wseg=, wlba=, pmbits=; slot=, msix=, pmport= (virtio.inc).
 #define RING0_HOOK mov al, 0xff ; out 0x21, al ; out 0xa1, al ; jmp irq_enter_user
 #include "rt.inc"
 #include "rt_irq.inc"
@@ -384,6 +386,7 @@ blk_benches:
     mov     rax, r12
     or      rax, r13
     jz      9f
+    call    bp_init
     call    tsc_calibrate
     test    r12, r12
     jz      1f
@@ -407,6 +410,40 @@ tsc_now:
     or      rax, rdx
     ret
 
+// bp_init: pmbits= (24 or 32, default 32) sets the PM timer mask; takes a first reading.
+bp_init:
+    lea     rdi, [rip + key_pmbits]
+    mov     esi, 32
+    call    arg_u64
+    mov     ecx, 0xffffffff
+    cmp     rax, 32
+    je      1f
+    mov     ecx, 0xffffff
+    cmp     rax, 24
+    jne     8f
+1:  mov     [rip + bp_mask], ecx
+    mov     edx, [rip + vio_pm_port]
+    in      eax, dx
+    and     eax, ecx
+    mov     [rip + bp_last], eax
+    ret
+8:  lea     rsi, [rip + msg_pmbits_bad]
+    jmp     fail
+
+// bp_now: rax = PM timer ticks, extended to 64 bits over a pmbits= wide counter (call at least
+// once per wrap period, else see bench_stop). Clobbers rcx, rdx.
+bp_now:
+    mov     edx, [rip + vio_pm_port]
+    in      eax, dx
+    and     eax, [rip + bp_mask]
+    mov     ecx, eax
+    sub     eax, [rip + bp_last]
+    and     eax, [rip + bp_mask]
+    mov     [rip + bp_last], ecx
+    add     rax, [rip + bp_total]
+    mov     [rip + bp_total], rax
+    ret
+
 // tsc_calibrate: counts TSC ticks over 100 ms of the PM timer. Each end is the best of 8 samples
 // (pm_tsc_sample): a PM read is an exit, and a host preemption inside one would skew the figure.
 // Sets cal_tsc / cal_ns and the timeout in TSC ticks; prints the TSC frequency.
@@ -419,12 +456,13 @@ tsc_calibrate:
 2:  pause
     dec     ecx
     jnz     2b
-    call    vio_now
+    call    bp_now
     cmp     rax, r15
     jb      1b
     call    pm_tsc_sample
     sub     rax, rbx
     mov     r15, rax                    // PM ticks elapsed
+    mov     [rip + cal_pm], rax
     mov     rax, rdx
     sub     rax, r14
     jbe     8f
@@ -447,7 +485,7 @@ tsc_calibrate:
 8:  lea     rsi, [rip + msg_tsc_bad]
     jmp     fail
 
-// pm_tsc_sample: rax = a PM timer reading (vio_now), rdx = the TSC at it: the midpoint of the TSC
+// pm_tsc_sample: rax = a PM timer reading (bp_now), rdx = the TSC at it: the midpoint of the TSC
 // read just before and just after, from the one of 8 readings with the narrowest bracket.
 pm_tsc_sample:
     push    rbx
@@ -459,7 +497,7 @@ pm_tsc_sample:
     mov     r15d, 8
 1:  call    tsc_now
     mov     rbx, rax
-    call    vio_now
+    call    bp_now
     mov     r13, rax
     call    tsc_now
     sub     rax, rbx                    // bracket
@@ -879,7 +917,7 @@ bench_run:
     call    bench_submit
     inc     rbx
     jmp     1b
-2:  call    vio_now
+2:  call    bp_now
     mov     [rip + b_pm0], rax
     call    tsc_now
     mov     [rip + b_t0], rax
@@ -924,13 +962,34 @@ bench_run:
     // fall through
 
 // bench_stop: b_ns, b_pmns = now - start; b_irqs = interrupts on queue 0 since the start.
+// The PM span: whole wrap periods the two readings cannot see are counted from the TSC span (the
+// TSC's figure in PM ticks, rounded to the nearest number of periods).
 bench_stop:
+    push    rbx
     call    tsc_now
     sub     rax, [rip + b_t0]
+    mov     rbx, rax                    // TSC span
     call    tsc_to_ns
     mov     [rip + b_ns], rax
-    call    vio_now
+    call    bp_now
     sub     rax, [rip + b_pm0]
+    mov     r8, rax                     // PM span modulo the period
+    mov     rax, rbx
+    mul     qword ptr [rip + cal_pm]
+    div     qword ptr [rip + cal_tsc]   // the TSC span in PM ticks
+    mov     r9d, [rip + bp_mask]
+    inc     r9                          // the period
+    sub     rax, r8
+    jbe     1f
+    mov     rcx, r9
+    shr     rcx, 1
+    add     rax, rcx
+    xor     edx, edx
+    div     r9                          // missed periods
+    mul     r9
+    add     r8, rax
+1:  mov     rax, r8
+    pop     rbx
     call    pm_to_ns
     mov     [rip + b_pmns], rax
     mov     rax, [rip + irq_counts + (VIO_VEC_BASE + 1) * 8]
@@ -998,6 +1057,8 @@ key_swrite: .asciz "swrite="
 key_wqd:    .asciz "wqd="
 key_wseg:   .asciz "wseg="
 key_wlba:   .asciz "wlba="
+key_pmbits: .asciz "pmbits="
+msg_pmbits_bad: .asciz "pmbits= must be 24 or 32"
 msg_tsc:    .asciz "virtio_blk: TSC Hz "
 msg_b_rread: .asciz "BENCH rread"
 msg_b_swrite: .asciz "BENCH swrite"
@@ -1064,6 +1125,10 @@ cal_tsc:    .quad 0                     // TSC ticks over the calibration
 cal_ns:     .quad 0                     // its nanoseconds by the PM timer
 tsc_timeout: .quad 0
 cal_pm_best: .quad 0
+cal_pm:     .quad 0                     // PM ticks over the calibration
+bp_total:   .quad 0
+bp_last:    .long 0
+bp_mask:    .long 0xffffffff
 b_n:        .quad 0                     // requests in the run
 b_qd:       .quad 0                     // in flight at most
 b_type:     .quad 0
