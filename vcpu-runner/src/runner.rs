@@ -71,6 +71,10 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
     // SAFETY: pthread_self has no preconditions.
     control.set_thread(unsafe { libc::pthread_self() });
     control.ack(RunState::Running);
+    // Whether the controller has been told we run. A park can end on an operation (with
+    // "paused" acknowledged) just as the controller asks to resume: the loop then sees "running"
+    // without `park_while_paused` having said so, and must say it itself.
+    let mut acked_running = true;
     let outcome = loop {
         if control.op_pending() {
             if let Some(op) = control.take_op() {
@@ -78,9 +82,15 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
             }
         }
         match control.wanted() {
-            RunState::Running => {}
+            RunState::Running => {
+                if !acked_running {
+                    control.ack(RunState::Running);
+                    acked_running = true;
+                }
+            }
             RunState::Paused => {
                 vcpu.set_immediate_exit(false);
+                acked_running = false;
                 if control.park_while_paused() == RunState::Stopping {
                     break VcpuOutcome::Stopped;
                 }
