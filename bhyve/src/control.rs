@@ -109,6 +109,22 @@ impl ControlTarget for VmTarget {
                     .collect(),
             })
             .collect();
+        // Exits per device, summed over the vCPUs.
+        let names = self.vm.device_names();
+        let mut per_device = vec![0u64; names.len()];
+        for s in self.vm.vcpu_stats() {
+            for (t, v) in per_device.iter_mut().zip(s.per_device()) {
+                *t += v;
+            }
+        }
+        out.push(StatScope {
+            scope: "devices".into(),
+            counters: names
+                .iter()
+                .zip(per_device)
+                .map(|(n, v)| (format!("exits to {n}"), v))
+                .collect(),
+        });
         for (i, s) in self.vm.slow_stats().iter().enumerate() {
             use std::sync::atomic::Ordering::Relaxed;
             out.push(StatScope {

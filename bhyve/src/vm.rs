@@ -637,7 +637,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     }
     let _ = std::io::stdout().flush();
     if cfg.print_stats {
-        print_stats(&outcome, requests.boot_done());
+        print_stats(&outcome, requests.boot_done(), &names);
     }
     for p in &outcome.stop_problems {
         eprintln!("bhyve: {p}");
@@ -700,7 +700,7 @@ fn write_plots(dir: &Path, o: &vcpu_runner::RunOutcome, rates: &perf::RateSample
     }
 }
 
-fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>) {
+fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>, names: &[String]) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "run time: {:?}", o.elapsed);
     if let Some(g) = o.guest_resident {
@@ -718,6 +718,17 @@ fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>) {
             if v != 0 {
                 let _ = writeln!(err, "  {:<56}{v}", stat.description());
             }
+        }
+    }
+    let _ = writeln!(err, "devices:");
+    for (id, name) in names.iter().enumerate() {
+        let total: u64 = o
+            .vcpu_stats
+            .iter()
+            .map(|s| s.per_device().get(id).copied().unwrap_or(0))
+            .sum();
+        if total != 0 {
+            let _ = writeln!(err, "  {:<56}{total}", format!("exits to {name}"));
         }
     }
 }

@@ -62,6 +62,13 @@ fn known_exit_mix_counters_trace_and_plots() {
         total
     );
 
+    // Per device: the slow scratch device took the n posted writes and the two reads; COM1 one
+    // write per output byte; the exit ring held records at some point.
+    assert_eq!(counter(&err, "exits to scratch-slow"), n + 2);
+    assert_eq!(counter(&err, "exits to com1"), uart_bytes);
+    assert_eq!(counter(&err, "exits to debug-exit"), 1);
+    assert!(counter(&err, "exit ring occupancy high-water mark") >= 1);
+
     // Histograms printed with percentiles.
     assert!(err.contains("p99.9"), "histogram table printed");
 

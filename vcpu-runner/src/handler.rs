@@ -42,6 +42,10 @@ pub trait SlowPath: Send {
     fn post(&mut self, rec: ExitRecord) -> Result<bool, SlowPathError>;
     /// Waits for the completion of record `seq`.
     fn wait(&mut self, seq: u64) -> Result<CompletionRecord, SlowPathError>;
+    /// Records on the exit ring now (for the occupancy gauge).
+    fn occupancy(&self) -> usize {
+        0
+    }
 }
 
 /// A device that runs inline on the vCPU thread. One lock per device; no other lock is taken while
@@ -252,6 +256,7 @@ impl<S: SlowPath> ExitHandler<S> {
             self.log_unclaimed("read", space, addr, data.len());
             return Action::Continue;
         };
+        self.stats.inc_device(route.device.0);
         match route.stage {
             Stage::Fast => {
                 self.probe.classify(class, StageClass::Fast, route.device.0);
@@ -318,6 +323,7 @@ impl<S: SlowPath> ExitHandler<S> {
             self.log_unclaimed("write", space, addr, data.len());
             return Action::Continue;
         };
+        self.stats.inc_device(route.device.0);
         match route.stage {
             Stage::Fast => {
                 self.probe.classify(class, StageClass::Fast, route.device.0);
@@ -341,6 +347,8 @@ impl<S: SlowPath> ExitHandler<S> {
                         if waited {
                             self.stats.inc(Stat::RingFull);
                         }
+                        let occupancy = u64::try_from(self.slow.occupancy()).unwrap_or(u64::MAX);
+                        self.stats.raise(Stat::RingHighWater, occupancy);
                         Action::Continue
                     }
                     Err(SlowPathError::Stopping) => Action::Continue,

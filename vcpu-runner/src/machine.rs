@@ -299,6 +299,11 @@ impl SlowPath for RingSlowPath {
     }
 
     #[inline]
+    fn occupancy(&self) -> usize {
+        self.exits.len()
+    }
+
+    #[inline]
     fn wait(&mut self, seq: u64) -> Result<CompletionRecord, SlowPathError> {
         match self
             .completions
@@ -496,7 +501,7 @@ where
             // The vCPU thread.
             let control = Arc::new(VcpuControl::new(i));
             controls.push(control.clone());
-            let stats = Arc::new(VcpuStats::default());
+            let stats = Arc::new(VcpuStats::with_devices(platform.names.len()));
             vcpu_stats.push(stats.clone());
             let slow = RingSlowPath {
                 exits: ep,
@@ -548,6 +553,7 @@ where
         }
         drop(done_tx);
         Ok(RunningVm {
+            device_names: platform.names.clone(),
             clock,
             histograms,
             trace_switch,
@@ -612,6 +618,7 @@ struct Threads {
 /// A running VM: what control requests (bhyvectl, signals) act on. Shareable (`Arc`); one thread
 /// calls [`RunningVm::wait`].
 pub struct RunningVm<H: Hypervisor> {
+    device_names: Vec<String>,
     clock: perf::Clock,
     histograms: Vec<Arc<perf::HistogramSet>>,
     trace_switch: perf::TraceSwitch,
@@ -655,6 +662,11 @@ impl<H: Hypervisor> RunningVm<H> {
     /// Live per-vCPU counters.
     pub fn vcpu_stats(&self) -> &[Arc<VcpuStats>] {
         &self.vcpu_stats
+    }
+
+    /// Device names by device id (the index of [`VcpuStats::per_device`]).
+    pub fn device_names(&self) -> &[String] {
+        &self.device_names
     }
 
     /// Live per device-model thread counters.

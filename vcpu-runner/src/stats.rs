@@ -37,6 +37,7 @@ stats! {
     UnclaimedWrite => "writes nobody claimed (dropped)",
     RingFull => "times the exit ring was full and the vCPU waited for room",
     SlowPathError => "slow-stage exits that failed (peer error or timeout)",
+    RingHighWater => "exit ring occupancy high-water mark (records)",
 }
 
 /// Number of counters.
@@ -46,17 +47,51 @@ pub const NSTATS: usize = Stat::ALL.len();
 #[derive(Debug)]
 pub struct VcpuStats {
     counts: [AtomicU64; NSTATS],
+    /// Exits routed to each device, by device id.
+    per_device: Box<[AtomicU64]>,
 }
 
 impl Default for VcpuStats {
     fn default() -> Self {
-        Self {
-            counts: std::array::from_fn(|_| AtomicU64::new(0)),
-        }
+        Self::with_devices(0)
     }
 }
 
 impl VcpuStats {
+    /// Counters for a VM with `devices` registered devices.
+    pub fn with_devices(devices: usize) -> Self {
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            per_device: (0..devices).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Adds one to device `id`'s exit count (ids past the table are ignored).
+    #[inline]
+    pub fn inc_device(&self, id: u16) {
+        if let Some(c) = self.per_device.get(usize::from(id)) {
+            c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Exits routed to each device, by device id.
+    pub fn per_device(&self) -> Vec<u64> {
+        self.per_device
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Raises gauge `s` to `v` if `v` is higher (a high-water mark).
+    #[inline]
+    pub fn raise(&self, s: Stat, v: u64) {
+        if let Some(c) = self.counts.get(s as usize) {
+            if v > c.load(Ordering::Relaxed) {
+                c.store(v, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Adds one to `s`. Only the owning vCPU thread calls this.
     #[inline]
     pub fn inc(&self, s: Stat) {
@@ -102,10 +137,11 @@ mod tests {
             }
         }
         for s in Stat::ALL {
-            let name = format!("Stat::{s:?})");
+            let name = format!("Stat::{s:?}");
             assert!(
-                code.contains(&format!("inc({name}"))
-                    || code.contains(&format!("inc(crate::stats::{name}")),
+                code.contains(&format!("inc({name})"))
+                    || code.contains(&format!("inc(crate::stats::{name})"))
+                    || code.contains(&format!("raise({name},")),
                 "counter {s:?} ({}) is never incremented",
                 s.description()
             );
