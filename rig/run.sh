@@ -37,6 +37,8 @@
 #   --l1-smp N, --l1-mem SIZE, --l1-cpu MODEL, --l1-append STR
 #                        outer VM settings (default 2, 2G, max, ""; --compare:
 #                        --l1-append defaults to "init_on_free=1", see rig/README.md)
+#   --stall S            stop the outer VM when its console is silent for S seconds (default:
+#                        --guest-timeout + 100 for --peer/--bhyve/--compare, 0 = off for --payload)
 #   --out DIR            where to write results (default .cache/rig/runs/DATE-MODE)
 #   -v, --verbose        stream the outer VM's console to stderr while it runs
 #
@@ -81,6 +83,7 @@ l1_mem=2G
 l1_append=-
 l1_cpu=max
 out=
+stall=
 verbose=0
 need() { [[ $# -ge 2 && -n $2 ]] || rig_die "$RIG_EX_USAGE" usage "$1 needs a value (see --help)"; }
 while (($#)); do
@@ -104,6 +107,7 @@ while (($#)); do
         --l1-append) need "$@"; l1_append=$2; shift 2 ;;
         --l1-cpu) need "$@"; l1_cpu=$2; shift 2 ;;
         --out) need "$@"; out=$2; shift 2 ;;
+        --stall) need "$@"; stall=$2; shift 2 ;;
         -v | --verbose) verbose=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) rig_die "$RIG_EX_USAGE" usage "unknown argument '$1' (see --help)" ;;
@@ -151,6 +155,10 @@ if [[ -z $outer_timeout ]]; then
         *) outer_timeout=1200 ;;
     esac
 fi
+if [[ -z $stall ]]; then
+    if [[ $mode == payload ]]; then stall=0; else stall=$((guest_timeout + 100)); fi
+fi
+[[ $stall =~ ^[0-9]+$ ]] || rig_die "$RIG_EX_USAGE" usage "--stall: '$stall' is not a number of seconds"
 for n in "$runs" "$guest_timeout" "$outer_timeout" "$l1_smp"; do
     [[ $n =~ ^[0-9]+$ && $n -gt 0 ]] || rig_die "$RIG_EX_USAGE" usage "'$n' is not a positive number"
 done
@@ -354,12 +362,34 @@ qemu_cmd=(qemu-system-x86_64 -accel tcg -cpu "$l1_cpu" -smp "$l1_smp" -m "$l1_me
     -append "console=ttyS0 panic=-1 quiet no_timer_check${l1_append:+ $l1_append}")
 t0=$(date +%s.%N)
 set +e
+timeout -k 10 "$outer_timeout" "${qemu_cmd[@]}" </dev/null >"$log" 2>&1 &
+qpid=$!
+tailpid=
 if [[ $verbose == 1 ]]; then
-    timeout --foreground -k 10 "$outer_timeout" "${qemu_cmd[@]}" </dev/null 2>&1 | tee "$log" >&2
-    qrc=${PIPESTATUS[0]}
-else
-    timeout -k 10 "$outer_timeout" "${qemu_cmd[@]}" </dev/null >"$log" 2>&1
-    qrc=$?
+    tail -n +1 -f "$log" >&2 &
+    tailpid=$!
+fi
+# Stall watchdog: an L1 that prints nothing for --stall seconds is hung (seen once: TCG spinning
+# in its nested-SVM code with the inner VM's limit long past, so nothing inside L1 could react).
+stalled=0 still=0 last_size=-1
+while kill -0 "$qpid" 2>/dev/null; do
+    sleep 1
+    ((stall > 0)) || continue
+    size=$(stat -c %s "$log" 2>/dev/null || echo 0)
+    if [[ $size == "$last_size" ]]; then still=$((still + 1)); else still=0 last_size=$size; fi
+    if ((still >= stall)); then
+        stalled=1
+        rig_log "the outer VM printed nothing for ${stall}s: stopping it"
+        kill -TERM "$qpid" 2>/dev/null
+        break
+    fi
+done
+wait "$qpid"
+qrc=$?
+if [[ -n $tailpid ]]; then
+    sleep 0.2
+    kill "$tailpid" 2>/dev/null
+    wait "$tailpid" 2>/dev/null
 fi
 set -e
 t1=$(date +%s.%N)
@@ -398,7 +428,9 @@ report_failure() { # STATUS STEP MESSAGE: say which step failed, show the consol
     exit "$st"
 }
 if [[ -z $status ]]; then
-    if [[ $qrc == 124 || $qrc == 137 ]]; then
+    if [[ $stalled == 1 ]]; then
+        report_failure 20 l1-stall "the outer VM printed nothing for ${stall}s (--stall) and was stopped: L1 hung"
+    elif [[ $qrc == 124 || $qrc == 137 ]]; then
         if grep -q '^RIG-STEP payload-start' "$clean"; then
             report_failure 26 payload-timeout "the payload did not finish within ${outer_timeout}s (--timeout)"
         elif grep -q '^RIG-STEP l1-init' "$clean"; then
