@@ -298,15 +298,7 @@ impl<S: SlowPath> ExitHandler<S> {
                         Action::Continue
                     }
                     Err(SlowPathError::Stopping) => Action::Continue,
-                    Err(e) => {
-                        self.stats.inc(Stat::SlowPathError);
-                        Action::Fail(format!(
-                            "vCPU {}: {} read at {addr:#x} ({}): {e}",
-                            self.vcpu,
-                            space,
-                            self.platform.name(route.device)
-                        ))
-                    }
+                    Err(e) => self.slow_failure("read", space, addr, route.device, &e),
                 }
             }
         }
@@ -352,15 +344,7 @@ impl<S: SlowPath> ExitHandler<S> {
                         Action::Continue
                     }
                     Err(SlowPathError::Stopping) => Action::Continue,
-                    Err(e) => {
-                        self.stats.inc(Stat::SlowPathError);
-                        Action::Fail(format!(
-                            "vCPU {}: {} write at {addr:#x} ({}): {e}",
-                            self.vcpu,
-                            space,
-                            self.platform.name(route.device)
-                        ))
-                    }
+                    Err(e) => self.slow_failure("write", space, addr, route.device, &e),
                 }
             }
             Stage::SlowOrdered => {
@@ -392,18 +376,27 @@ impl<S: SlowPath> ExitHandler<S> {
                         Action::Continue
                     }
                     Err(SlowPathError::Stopping) => Action::Continue,
-                    Err(e) => {
-                        self.stats.inc(Stat::SlowPathError);
-                        Action::Fail(format!(
-                            "vCPU {}: {} write at {addr:#x} ({}): {e}",
-                            self.vcpu,
-                            space,
-                            self.platform.name(route.device)
-                        ))
-                    }
+                    Err(e) => self.slow_failure("write", space, addr, route.device, &e),
                 }
             }
         }
+    }
+
+    /// The VM-ending result of a slow-stage access the device-model side failed to serve.
+    fn slow_failure(
+        &mut self,
+        what: &str,
+        space: Space,
+        addr: u64,
+        device: DeviceId,
+        e: &SlowPathError,
+    ) -> Action {
+        self.stats.inc(Stat::SlowPathError);
+        Action::Fail(format!(
+            "vCPU {}: {space} {what} at {addr:#x} ({}): {e}",
+            self.vcpu,
+            self.platform.name(device)
+        ))
     }
 
     #[inline]
