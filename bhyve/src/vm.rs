@@ -17,9 +17,7 @@ use stages::models::uart::{Uart, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_
 use stages::pc::{MsiFn, MsiRoute, PcConfig, PcPlatform};
 use stages::BusDevice;
 use stages::{Space, Stage, VmRequests};
-use vcpu_runner::{
-    DescriptorTable, Devices, EntryRegs, Hypervisor, KvmHypervisor, Machine, RunConfig, Segment, Vm,
-};
+use vcpu_runner::{Devices, EntryRegs, Hypervisor, KvmHypervisor, Machine, RunConfig, Vm};
 
 use crate::opts::{BootProtocol, Config, ConsoleBackend};
 
@@ -133,45 +131,6 @@ fn host_memory() -> Option<u64> {
         .parse()
         .ok()?;
     kb.checked_mul(1024)
-}
-
-fn seg(s: &loader::Segment) -> Segment {
-    Segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: s.present,
-        dpl: s.dpl,
-        db: s.db,
-        s: s.s,
-        l: s.l,
-        g: s.g,
-        unusable: !s.present,
-    }
-}
-
-/// The loader's entry state as the runner's entry registers.
-pub fn entry_regs(e: &loader::EntryState) -> EntryRegs {
-    EntryRegs {
-        rip: e.rip,
-        rsp: e.rsp,
-        rsi: e.rsi,
-        rbx: e.rbx,
-        rax: e.rax,
-        rflags: e.rflags,
-        cr0: e.cr0,
-        cr3: e.cr3.unwrap_or(0),
-        cr4: e.cr4,
-        efer: e.efer,
-        gdt: DescriptorTable {
-            base: e.gdt_base,
-            limit: e.gdt_limit,
-        },
-        cs: seg(&e.code_segment),
-        ds: seg(&e.data_segment),
-        tr: e.tss_segment.present.then(|| seg(&e.tss_segment)),
-    }
 }
 
 /// With `BHYVE_RS_TIMING=1`, prints how long after process start each set-up phase ended.
@@ -362,7 +321,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         path: cfg.kernel.display().to_string(),
         source,
     })?;
-    let entry = entry_regs(&loaded.entry);
+    let entry = EntryRegs::from(&loaded.entry);
     phase("memory mapped, kernel loaded");
 
     let requests = Arc::new(VmRequests::new());

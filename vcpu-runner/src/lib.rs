@@ -7,6 +7,7 @@
 //! ring) → `stages::slow` on the device-model thread → a completion back → re-entry.
 
 pub mod backend;
+pub mod boot;
 pub mod control;
 pub mod cpuid;
 pub mod handler;

@@ -7,25 +7,8 @@ use std::time::{Duration, Instant};
 
 use stages::VmRequests;
 use vcpu_runner::{
-    DescriptorTable, Devices, EntryRegs, KvmHypervisor, Machine, RunConfig, RunExit, Segment,
-    VcpuOp, VcpuOpResult,
+    Devices, EntryRegs, KvmHypervisor, Machine, RunConfig, RunExit, VcpuOp, VcpuOpResult,
 };
-
-fn seg(s: &loader::Segment) -> Segment {
-    Segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: s.present,
-        dpl: s.dpl,
-        db: s.db,
-        s: s.s,
-        l: s.l,
-        g: s.g,
-        unusable: !s.present,
-    }
-}
 
 #[test]
 fn pause_inspect_resume_and_stop_a_running_guest() {
@@ -38,25 +21,7 @@ fn pause_inspect_resume_and_stop_a_running_guest() {
     let e = loader::load_multiboot(machine.memory(), img, &boot)
         .unwrap()
         .entry;
-    let entry = EntryRegs {
-        rip: e.rip,
-        rsp: e.rsp,
-        rsi: e.rsi,
-        rbx: e.rbx,
-        rax: e.rax,
-        rflags: e.rflags,
-        cr0: e.cr0,
-        cr3: e.cr3.unwrap_or(0),
-        cr4: e.cr4,
-        efer: e.efer,
-        gdt: DescriptorTable {
-            base: e.gdt_base,
-            limit: e.gdt_limit,
-        },
-        cs: seg(&e.code_segment),
-        ds: seg(&e.data_segment),
-        tr: Some(seg(&e.tss_segment)),
-    };
+    let entry = EntryRegs::from(&e);
     let vm = Arc::new(
         machine
             .start(

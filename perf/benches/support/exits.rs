@@ -16,9 +16,7 @@ use stages::misc::{
     SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN, SCRATCH_PORT_LEN, SCRATCH_SLOW_PORT,
 };
 use stages::{Space, Stage, VmRequests};
-use vcpu_runner::{
-    DescriptorTable, Devices, EntryRegs, KvmHypervisor, Machine, RunConfig, RunExit, Segment,
-};
+use vcpu_runner::{Devices, EntryRegs, KvmHypervisor, Machine, RunConfig, RunExit};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Guest memory of the benchmark VMs.
@@ -67,22 +65,6 @@ impl Class {
     }
 }
 
-fn seg(s: &loader::Segment) -> Segment {
-    Segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: s.present,
-        dpl: s.dpl,
-        db: s.db,
-        s: s.s,
-        l: s.l,
-        g: s.g,
-        unusable: !s.present,
-    }
-}
-
 fn load(mem: &GuestMemoryMmap<()>, guest: &str, cmdline: &str) -> loader::LoadedKernel {
     let img = guests::image(guest).expect("guest image");
     let boot = loader::BootConfig::new(MEM, cmdline);
@@ -90,25 +72,7 @@ fn load(mem: &GuestMemoryMmap<()>, guest: &str, cmdline: &str) -> loader::Loaded
 }
 
 fn entry(e: &loader::EntryState) -> EntryRegs {
-    EntryRegs {
-        rip: e.rip,
-        rsp: e.rsp,
-        rsi: e.rsi,
-        rbx: e.rbx,
-        rax: e.rax,
-        rflags: e.rflags,
-        cr0: e.cr0,
-        cr3: e.cr3.unwrap_or(0),
-        cr4: e.cr4,
-        efer: e.efer,
-        gdt: DescriptorTable {
-            base: e.gdt_base,
-            limit: e.gdt_limit,
-        },
-        cs: seg(&e.code_segment),
-        ds: seg(&e.data_segment),
-        tr: e.tss_segment.present.then(|| seg(&e.tss_segment)),
-    }
+    EntryRegs::from(e)
 }
 
 /// Runs `guest` with `n=N` under our machine; returns the wall time of the whole run.
@@ -236,7 +200,7 @@ fn run_raw_here(guest: &str, n: u64) -> Duration {
     vcpu.set_cpuid2(&cpuid).expect("set cpuid");
     let e = entry(&loaded.entry);
     let mut sregs = vcpu.get_sregs().expect("sregs");
-    let k = |s: &Segment| kvm_bindings::kvm_segment {
+    let k = |s: &vcpu_runner::Segment| kvm_bindings::kvm_segment {
         base: s.base,
         limit: s.limit,
         selector: s.selector,
