@@ -675,7 +675,7 @@ fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>, names: &[
         let _ = writeln!(err, "vcpu{i}:");
         for (stat, v) in s.snapshot() {
             if v != 0 {
-                let _ = writeln!(err, "  {:<56}{v}", stat.description());
+                let _ = writeln!(err, "  {:<58} {v}", stat.description());
             }
         }
     }
@@ -687,7 +687,7 @@ fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>, names: &[
             .map(|s| s.per_device().get(id).copied().unwrap_or(0))
             .sum();
         if total != 0 {
-            let _ = writeln!(err, "  {:<56}{total}", format!("exits to {name}"));
+            let _ = writeln!(err, "  {:<58} {total}", format!("exits to {name}"));
         }
     }
 }
