@@ -69,8 +69,25 @@ fn known_exit_mix_counters_trace_and_plots() {
     assert_eq!(counter(&err, "exits to debug-exit"), 1);
     assert!(counter(&err, "exit ring occupancy high-water mark") >= 1);
 
-    // Histograms printed with percentiles.
+    // Histograms printed with percentiles, for every phase: exit to re-entry, inside KVM_RUN, the
+    // handler alone, and the ring wait of the two waited reads.
     assert!(err.contains("p99.9"), "histogram table printed");
+    for phase in [
+        "exit pio-write/slow-posted",
+        "run pio-write/slow-posted",
+        "handler pio-write/slow-posted",
+    ] {
+        assert!(err.contains(phase), "{phase} histogram");
+    }
+    let ring_wait = err
+        .lines()
+        .find(|l| l.starts_with("ring-wait pio-read/slow-waited"))
+        .expect("ring-wait histogram for the waited reads");
+    assert_eq!(
+        ring_wait.split_whitespace().nth(2),
+        Some("2"),
+        "{ring_wait}"
+    );
 
     // The trace: valid JSON, one complete event per exit.
     let json: serde_json::Value =

@@ -283,6 +283,7 @@ impl<S: SlowPath> ExitHandler<S> {
                     }
                     self.slow.wait(seq)
                 });
+                self.probe.ring_completed();
                 match result {
                     Ok(c) if c.seq == seq && c.status == 0 => {
                         put_le_value(data, c.data);
