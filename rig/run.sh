@@ -183,6 +183,8 @@ missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v depmod >/dev/null || [[ -x /usr/sbin/depmod ]] || [[ -x /sbin/depmod ]] || missing+=(kmod)
+# lz4: guest-linux/fetch.sh decompresses the ELF vmlinux (for PVH) out of the bzImage.
+command -v lz4 >/dev/null || missing+=(lz4)
 if ((${#missing[@]})); then
     [[ $(id -u) == 0 ]] || rig_die "$RIG_EX_HOST_TOOLS" host-tools "missing ${missing[*]}: run 'apt-get install ${missing[*]}' as root"
     rig_log "installing host tools: ${missing[*]}"
