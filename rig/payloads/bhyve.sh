@@ -60,7 +60,7 @@ dmesg_check() {
         "ioapic_routing|ACPI: Using IOAPIC for interrupt routing" \
         "clocksource|clocksource: Switched to clocksource [a-z_-]+" \
         "rtc|rtc_cmos [^ ]+: setting system clock to" \
-        "acpi_s5|ACPI: PM: \(supports S0 S5\)"; do
+        "acpi_s5|ACPI: PM: \(supports S0( S[1-4])* S5\)"; do
         what=${check%%|*} pattern=${check#*|}
         line=$(grep -E -m 1 "$pattern" "$log" | sed 's/^\[[^]]*\] //')
         if [ -n "$line" ]; then
