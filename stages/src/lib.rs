@@ -24,6 +24,8 @@ pub mod models;
 #[cfg(feature = "std")]
 pub mod pc;
 #[cfg(feature = "std")]
+pub mod ratelimit;
+#[cfg(feature = "std")]
 pub mod slow;
 
 pub use bus::{Bus, BusError, DeviceId, Route, Space, Stage};

@@ -13,7 +13,7 @@ pub mod cpuid;
 pub mod handler;
 pub mod kvm;
 pub mod machine;
-pub mod ratelimit;
+pub use stages::ratelimit;
 pub mod runner;
 pub mod stats;
 

@@ -9,44 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Allows `burst` events per `period`.
-#[derive(Debug)]
-pub struct RateLimit {
-    period: Duration,
-    burst: u32,
-    window_start: Option<Instant>,
-    used: u32,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    /// A limiter of `burst` lines per `period`.
-    pub const fn new(burst: u32, period: Duration) -> Self {
-        Self {
-            period,
-            burst,
-            window_start: None,
-            used: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether a line may be logged now; if so, also how many were suppressed since the last one.
-    pub fn check(&mut self, now: Instant) -> Option<u64> {
-        let start = *self.window_start.get_or_insert(now);
-        if now.duration_since(start) >= self.period {
-            self.window_start = Some(now);
-            self.used = 0;
-        }
-        if self.used < self.burst {
-            self.used += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-}
+pub use stages::ratelimit::RateLimit;
 
 /// A named, rate-limited log sink (stderr), shared by a device's register side and its worker.
 #[derive(Debug)]
