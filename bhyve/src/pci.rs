@@ -1,20 +1,23 @@
 //! PCI device models on bus 0: their configuration space next to the platform's host and LPC
-//! bridges, their BAR regions on the bus, MSI-X through KVM, and virtio notifies absorbed by KVM
-//! ioeventfds (a queue notify never exits to userspace).
+//! bridges, their BAR regions on the bus, MSI-X through KVM irqfds and MSI routes ([`IrqfdMsi`]:
+//! a completion writes an eventfd, no ioctl and no exit), and virtio notifies absorbed by KVM
+//! ioeventfds (a queue notify never exits to userspace). The vectors' GSIs come from the VM's one
+//! `vcpu_runner::GsiRoutes`, which merges them with the I/O APIC's level routes.
 //!
 //! BAR placement (fixed; the guest may read it and must not move it): BAR 0 of `0:SLOT.FUNC` is at
 //! `0xC000_0000 + ((SLOT << 3) | FUNC) * 0x1_0000`, inside the PCI memory window the DSDT gives
 //! the host bridge (0xC000_0000–0xDFFF_FFFF).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use stages::devices::pci::{Bdf, PciConfigSpace};
 use stages::{BusDevice, Space, Stage};
-use vcpu_runner::{Devices, KvmHypervisor, Machine, Vm};
+use vcpu_runner::{Devices, GsiRoutes, KvmHypervisor, Machine, Vm};
 use virtio::options::{ConsoleTarget, DeviceSpec};
 use virtio::transport::RegionKind;
 use virtio::{BarRegion, Execution, MsiTrigger, PciConfigHandle, VirtioPciDevice, Wiring};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::opts::PciDevice;
 
@@ -108,14 +111,161 @@ impl BusDevice for DataMux {
     }
 }
 
-/// MSI-X messages of device models, injected through KVM (no vCPU exit on the completion path).
-struct KvmMsi(Arc<<KvmHypervisor as vcpu_runner::Hypervisor>::Vm>);
+/// How one function's MSI-X messages went out.
+#[derive(Debug, Default)]
+pub struct MsiDeliveryStats {
+    /// Messages sent by writing the vector's irqfd (the completion path: no ioctl, no exit).
+    pub irqfd: AtomicU64,
+    /// Messages sent with `KVM_SIGNAL_MSI` (a vector that could not have an irqfd or route).
+    pub signal_msi: AtomicU64,
+    /// Route updates a delivery made (the entry's message had changed since the last one).
+    pub route_updates: AtomicU64,
+    /// Route updates or eventfd writes that failed (the message then went by `KVM_SIGNAL_MSI`).
+    pub failures: AtomicU64,
+}
 
-impl MsiTrigger for KvmMsi {
-    fn trigger(&self, addr: u64, data: u32) {
-        // A failed injection has no guest-visible recovery; the transport counts what it sends.
-        let _ = self.0.signal_msi(addr, data);
+/// One vector's irqfd: its GSI, the eventfd KVM listens on, the message its route holds.
+struct VectorFd {
+    gsi: u32,
+    fd: EventFd,
+    routed: Option<(u64, u32)>,
+}
+
+/// MSI-X through KVM irqfds: each table entry has a GSI (from the VM's one [`GsiRoutes`]) and an
+/// eventfd bound to it with `KVM_IRQFD`. A delivery writes the eventfd; KVM injects the message of
+/// the GSI's route without an exit. The route follows the table lazily: a delivery whose message
+/// differs from the one routed installs it first, so a guest rewriting entries in a loop costs
+/// nothing until the vector fires (and then one route update). Masking is the MSI-X state's
+/// (`virtio::pci::Msix`): a masked vector never reaches this trigger, its pending bit is set
+/// and it is delivered here on unmask. A vector without an irqfd falls back to
+/// `KVM_SIGNAL_MSI`, counted.
+pub struct IrqfdMsi<V: Vm> {
+    vm: Arc<V>,
+    routes: Arc<GsiRoutes>,
+    vectors: Mutex<Vec<Option<VectorFd>>>,
+    stats: Arc<MsiDeliveryStats>,
+}
+
+impl<V: Vm> std::fmt::Debug for IrqfdMsi<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IrqfdMsi")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
+}
+
+impl<V: Vm> IrqfdMsi<V> {
+    /// Binds `vectors` eventfds to fresh GSIs of `routes` (a vector that cannot have one is
+    /// logged and will use `KVM_SIGNAL_MSI`).
+    pub fn new(vm: Arc<V>, routes: Arc<GsiRoutes>, vectors: u16, what: &str) -> Self {
+        let mut fds = Vec::with_capacity(usize::from(vectors));
+        let mut failed = None;
+        for _ in 0..vectors {
+            let bound = (|| {
+                let gsi = routes.allocate().map_err(|e| e.to_string())?;
+                let fd = match EventFd::new(EFD_NONBLOCK) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        let _ = routes.release(gsi);
+                        return Err(format!("eventfd: {e}"));
+                    }
+                };
+                if let Err(e) = vm.register_irqfd(&fd, gsi) {
+                    let _ = routes.release(gsi);
+                    return Err(e.to_string());
+                }
+                Ok(VectorFd {
+                    gsi,
+                    fd,
+                    routed: None,
+                })
+            })();
+            match bound {
+                Ok(v) => fds.push(Some(v)),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    fds.push(None);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            eprintln!("bhyve: {what}: MSI-X vectors without irqfd use KVM_SIGNAL_MSI: {e}");
+        }
+        Self {
+            vm,
+            routes,
+            vectors: Mutex::new(fds),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<MsiDeliveryStats> {
+        &self.stats
+    }
+
+    fn direct(&self, address: u64, data: u32) {
+        MsiDeliveryStats::inc(&self.stats.signal_msi);
+        // A failed injection has no guest-visible recovery; it is counted above.
+        let _ = self.vm.signal_msi(address, data);
+    }
+}
+
+impl MsiDeliveryStats {
+    fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl<V: Vm> MsiTrigger for IrqfdMsi<V> {
+    fn trigger(&self, vector: u16, address: u64, data: u32) {
+        let mut vectors = lock(&self.vectors);
+        let Some(Some(v)) = vectors.get_mut(usize::from(vector)) else {
+            drop(vectors);
+            self.direct(address, data);
+            return;
+        };
+        if v.routed != Some((address, data)) {
+            if self.routes.set_msi_route(v.gsi, address, data).is_err() {
+                v.routed = None;
+                drop(vectors);
+                MsiDeliveryStats::inc(&self.stats.failures);
+                self.direct(address, data);
+                return;
+            }
+            v.routed = Some((address, data));
+            MsiDeliveryStats::inc(&self.stats.route_updates);
+        }
+        if v.fd.write(1).is_ok() {
+            MsiDeliveryStats::inc(&self.stats.irqfd);
+        } else {
+            drop(vectors);
+            MsiDeliveryStats::inc(&self.stats.failures);
+            self.direct(address, data);
+        }
+    }
+}
+
+impl<V: Vm> Drop for IrqfdMsi<V> {
+    fn drop(&mut self) {
+        for v in lock(&self.vectors).drain(..).flatten() {
+            let _ = self.vm.unregister_irqfd(&v.fd, v.gsi);
+            let _ = self.routes.release(v.gsi);
+        }
+    }
+}
+
+/// What the monitor keeps of each device model after set-up: its counters, for `stats.print`.
+#[derive(Debug)]
+pub struct PciModel {
+    /// `slot.function`.
+    pub at: String,
+    /// The device model's name ("virtio-blk").
+    pub name: &'static str,
+    /// Its MSI-X delivery counters.
+    pub msi: Arc<MsiDeliveryStats>,
+    /// Its virtio counters.
+    pub virtio: Arc<virtio::log::VirtioStats>,
 }
 
 /// Builds every `-s` device model, places its BAR, registers its regions and config space.
@@ -125,7 +275,9 @@ pub fn add_devices(
     machine: &Machine<KvmHypervisor>,
     devices: &mut Devices,
     extra: &ExtraFunctions,
-) -> Result<(), String> {
+    routes: &Arc<GsiRoutes>,
+) -> Result<Vec<PciModel>, String> {
+    let mut models = Vec::new();
     for d in list {
         let what = format!("-s {}:{}", d.slot, d.function);
         for i in &d.ignored {
@@ -159,8 +311,17 @@ pub fn add_devices(
             }
             DeviceSpec::Rng => Box::new(virtio::rng::Rng::new()),
         };
+        let vectors = virtio::transport::msix_vectors(model.as_ref());
+        let msi = Arc::new(IrqfdMsi::new(
+            machine.vm().clone(),
+            routes.clone(),
+            vectors,
+            &what,
+        ));
+        let name = model.name();
+        let msi_stats = msi.stats().clone();
         let wiring = Wiring {
-            msi: Arc::new(KvmMsi(machine.vm().clone())),
+            msi,
             intx: None,
             execution: Execution::Worker,
             name: format!("{vm_name}-{}.{}", d.slot, d.function),
@@ -214,7 +375,13 @@ pub fn add_devices(
         }
         let bdf =
             Bdf::new(0, d.slot, d.function).ok_or_else(|| format!("{what}: not a PCI address"))?;
+        models.push(PciModel {
+            at: format!("{}.{}", d.slot, d.function),
+            name,
+            msi: msi_stats,
+            virtio: lock(&shared).stats().clone(),
+        });
         lock(extra).push((bdf, Box::new(PciConfigHandle(shared))));
     }
-    Ok(())
+    Ok(models)
 }

@@ -342,11 +342,17 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         msi,
         requests.clone(),
     );
-    let kvm_vm = machine.vm().clone();
+    // One owner of KVM's GSI routing table: the I/O APIC's level routes (GSIs below 32) and the
+    // device models' MSI-X vectors (irqfds on GSIs from 32 up), merged.
+    let gsi_routes = Arc::new(vcpu_runner::GsiRoutes::for_vm(
+        machine.vm().clone(),
+        hv.capabilities().irq_routes,
+    ));
+    let r = gsi_routes.clone();
     pc.set_route_sink(Arc::new(move |routes: &[MsiRoute]| {
         let table: Vec<(u32, u64, u32)> =
             routes.iter().map(|r| (r.gsi, r.address, r.data)).collect();
-        kvm_vm.set_msi_routes(&table).map_err(|e| e.to_string())
+        r.set_ioapic_routes(&table).map_err(|e| e.to_string())
     }));
     let mut pc_err = None;
     // Configuration space: the platform's bridges, plus our device models through a mux on the
@@ -435,8 +441,15 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     if let Some(b) = &cfg.com2 {
         add_uart(&mut devices, "com2", COM2_BASE, b, pc.isa_line(COM2_IRQ))?;
     }
-    crate::pci::add_devices(&cfg.name, &cfg.pci, &machine, &mut devices, &extra)
-        .map_err(VmError::Device)?;
+    let pci_models = crate::pci::add_devices(
+        &cfg.name,
+        &cfg.pci,
+        &machine,
+        &mut devices,
+        &extra,
+        &gsi_routes,
+    )
+    .map_err(VmError::Device)?;
     if cfg.test_devices {
         devices.add(
             "scratch-slow",
@@ -597,6 +610,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     let _ = std::io::stdout().flush();
     if cfg.print_stats {
         print_stats(&outcome, requests.boot_done(), &names);
+        print_pci_stats(&pci_models, &gsi_routes);
     }
     for p in &outcome.stop_problems {
         eprintln!("bhyve: {p}");
@@ -690,4 +704,33 @@ fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>, names: &[
             let _ = writeln!(err, "  {:<58} {total}", format!("exits to {name}"));
         }
     }
+}
+
+/// The device models' counters (after the devices' exits), for `stats.print`.
+fn print_pci_stats(models: &[crate::pci::PciModel], routes: &vcpu_runner::GsiRoutes) {
+    if models.is_empty() {
+        return;
+    }
+    let mut err = std::io::stderr().lock();
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let _ = writeln!(err, "pci:");
+    for m in models {
+        let rows = [
+            ("MSI-X messages by irqfd", get(&m.msi.irqfd)),
+            ("MSI-X messages by KVM_SIGNAL_MSI", get(&m.msi.signal_msi)),
+            ("MSI-X route updates", get(&m.msi.route_updates)),
+            ("MSI-X delivery failures", get(&m.msi.failures)),
+            ("virtio chains completed", get(&m.virtio.chains)),
+            ("virtio queue interrupts", get(&m.virtio.queue_interrupts)),
+        ];
+        for (what, v) in rows {
+            let _ = writeln!(err, "  {:<58} {v}", format!("{} {} {what}", m.at, m.name));
+        }
+    }
+    let _ = writeln!(
+        err,
+        "  {:<58} {}",
+        "GSI routing tables installed",
+        get(&routes.stats.installs)
+    );
 }

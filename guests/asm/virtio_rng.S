@@ -1,7 +1,14 @@
 // virtio_rng: drives a virtio-rnd device (1af4:1044) with virtio.inc: two 64-byte requests on
 // queue 0 (one device-writable buffer each); each must come back with 1-64 bytes, neither all zero,
 // and the two must differ. Prints both in hex ("virtio_rng: 1: ...", "virtio_rng: 2: ...").
-// Parameters: slot=, msix=, pmport= (virtio.inc).
+// maskpba=1 (with msix=1): then masks queue 0's MSI-X entry, makes a request and polls for its
+// completion: no interrupt may arrive and the entry's PBA bit must be set; unmasking must deliver
+// exactly one interrupt and clear the bit. Prints "virtio_rng: masked: ...".
+// churn=N (with msix=1): then rewrites queue 0's entry N times, alternating its vector between
+// 0x51 and 0x61 (ending on 0x61, unmasked throughout), makes a request and waits for the interrupt
+// on 0x61; then restores 0x51 and makes one more request (its interrupt on 0x51). Prints
+// "virtio_rng: churn: ...".
+// Parameters: slot=, msix=, pmport= (virtio.inc), maskpba=, churn=.
 #define RING0_HOOK mov al, 0xff ; out 0x21, al ; out 0xa1, al ; jmp irq_enter_user
 #include "rt.inc"
 #include "rt_irq.inc"
@@ -67,8 +74,212 @@ user_main:
     call    vio_irq_total
     call    putdec
     call    putnl
-1:  mov     edi, EXIT_OK
+1:  lea     rdi, [rip + key_maskpba]
+    xor     esi, esi
+    call    arg_u64
+    test    rax, rax
+    jz      2f
+    call    masked_vector
+2:  lea     rdi, [rip + key_churn]
+    xor     esi, esi
+    call    arg_u64
+    test    rax, rax
+    jz      3f
+    mov     rdi, rax
+    call    route_churn
+3:  mov     edi, EXIT_OK
     jmp     guest_exit
+
+// rng_polled: rbx = 64-byte buffer. rng_get with the completion polled (no interrupt expected),
+// then the queue's interrupt bookkeeping restarted from the current count (so later vq_waits do
+// not take an interrupt that came for this request as theirs).
+rng_polled:
+    mov     r8d, [rip + vio_msix_on]
+    push    r8
+    mov     dword ptr [rip + vio_msix_on], 0
+    call    rng_get
+    pop     r8
+    mov     [rip + vio_msix_on], r8d
+    ret
+
+// resync_irqs: the queue's interrupt bookkeeping restarted from the current count and used index.
+resync_irqs:
+    xor     eax, eax
+    call    vio_irq_total
+    mov     [rip + vio_q0 + VQ_IRQS], rax
+    mov     rax, [rip + vio_q0 + VQ_USED]
+    movzx   eax, word ptr [rax + 2]
+    mov     [rip + vio_q0 + VQ_IRQUPTO], ax
+    ret
+
+// pba_addr: rax = the MSI-X PBA's address (capability + 8: BIR and offset).
+pba_addr:
+    push    rbx
+    mov     edi, [rip + vio_msix_cap]
+    add     edi, 8
+    call    vio_cfg_read32
+    mov     ebx, eax
+    mov     edi, eax
+    and     edi, 7
+    call    vio_bar_addr
+    and     ebx, 0xfffffff8
+    add     rax, rbx
+    pop     rbx
+    ret
+
+// wait_count: rdi = address of a 64-bit interrupt counter, rsi = value to exceed. Waits up to
+// 1 s; eax = 1 if the counter went past the value, else 0.
+wait_count:
+    push    rbx
+    push    r12
+    push    r13
+    mov     rbx, rdi
+    mov     r12, rsi
+    call    vio_now
+    lea     r13, [rax + VIO_PM_HZ]
+1:  mov     rax, [rbx]
+    cmp     rax, r12
+    ja      2f
+    pause
+    call    vio_now
+    cmp     rax, r13
+    jb      1b
+    xor     eax, eax
+    jmp     3f
+2:  mov     eax, 1
+3:  pop     r13
+    pop     r12
+    pop     rbx
+    ret
+
+// masked_vector: the maskpba=1 check.
+masked_vector:
+    push    rbx
+    push    r12
+    push    r13
+    cmp     dword ptr [rip + vio_msix_on], 0
+    je      90f
+    call    pba_addr
+    mov     r13, rax                    // PBA
+    mov     rcx, [rip + vio_msix_table]
+    mov     dword ptr [rcx + 16 + 12], 1    // mask entry 1 (queue 0)
+    xor     eax, eax
+    call    vio_irq_total
+    mov     r12, rax                    // interrupts before
+    lea     rbx, [rip + rng_buf1]
+    call    rng_polled
+    mov     edi, 20                     // time for a (wrong) interrupt to arrive
+    call    vio_delay_ms
+    xor     eax, eax
+    call    vio_irq_total
+    cmp     rax, r12
+    jne     91f
+    mov     rax, [r13]
+    test    eax, 2                      // entry 1's pending bit
+    jz      92f
+    lea     rsi, [rip + msg_masked1]
+    call    puts
+    mov     rax, [r13]
+    call    puthex
+    call    putnl
+    mov     rcx, [rip + vio_msix_table]
+    mov     dword ptr [rcx + 16 + 12], 0    // unmask: the pending message goes out now
+    lea     rdi, [rip + irq_counts + (VIO_VEC_BASE + 1) * 8]
+    mov     rsi, r12
+    call    wait_count
+    test    eax, eax
+    jz      93f
+    mov     edi, 20
+    call    vio_delay_ms
+    xor     eax, eax
+    call    vio_irq_total
+    sub     rax, r12
+    cmp     rax, 1
+    jne     94f
+    mov     rax, [r13]
+    test    eax, 2
+    jnz     95f
+    call    resync_irqs
+    lea     rsi, [rip + msg_masked2]
+    call    puts
+    pop     r13
+    pop     r12
+    pop     rbx
+    ret
+90: lea     rsi, [rip + msg_needs_msix]
+    jmp     fail
+91: lea     rsi, [rip + msg_masked_irq]
+    jmp     fail
+92: lea     rsi, [rip + msg_masked_nopba]
+    jmp     fail
+93: lea     rsi, [rip + msg_unmask_noirq]
+    jmp     fail
+94: lea     rsi, [rip + msg_unmask_count]
+    jmp     fail
+95: lea     rsi, [rip + msg_unmask_pba]
+    jmp     fail
+
+.set CHURN_VEC, 0x61
+
+// route_churn: rdi = rewrites. The churn=N check.
+route_churn:
+    push    rbx
+    push    r12
+    push    r13
+    cmp     dword ptr [rip + vio_msix_on], 0
+    je      90b
+    mov     r12, rdi
+    mov     rcx, [rip + vio_msix_table]
+    mov     r13d, [rcx + 16 + 8]        // entry 1's data (vector 0x51)
+    mov     r8d, [rcx + 16]             // its address
+1:  test    r12, r12
+    jz      2f
+    mov     [rcx + 16], r8d             // address, data: as a driver retargeting a vector does
+    mov     eax, r12d
+    and     eax, 1
+    mov     edx, CHURN_VEC
+    cmovz   edx, r13d                   // even counts: 0x51; the last (N = 1) is 0x61
+    mov     [rcx + 16 + 8], edx
+    dec     r12
+    jmp     1b
+2:  mov     dword ptr [rcx + 16 + 8], CHURN_VEC
+    mov     edi, CHURN_VEC
+    call    irq_count
+    mov     rbx, rax
+    xor     eax, eax
+    call    vio_irq_total
+    mov     r12, rax                    // 0x51's count
+    push    rbx
+    lea     rbx, [rip + rng_buf1]
+    call    rng_polled
+    pop     rbx
+    lea     rdi, [rip + irq_counts + CHURN_VEC * 8]
+    mov     rsi, rbx
+    call    wait_count
+    test    eax, eax
+    jz      91f
+    xor     eax, eax
+    call    vio_irq_total
+    cmp     rax, r12
+    jne     92f
+    lea     rsi, [rip + msg_churn1]
+    call    puts
+    // Back to 0x51: the next request's interrupt must come there (vq_wait checks it).
+    mov     rcx, [rip + vio_msix_table]
+    mov     [rcx + 16 + 8], r13d
+    call    resync_irqs
+    lea     rbx, [rip + rng_buf2]
+    call    rng_get
+    lea     rsi, [rip + msg_churn2]
+    call    puts
+    pop     r13
+    pop     r12
+    pop     rbx
+    ret
+91: lea     rsi, [rip + msg_churn_noirq]
+    jmp     fail
+92: lea     rsi, [rip + msg_churn_old]
+    jmp     fail
 
 // rng_get: rbx = 64-byte buffer. Zeroes it, requests RNG_BYTES into it. eax = bytes returned.
 rng_get:
@@ -127,6 +338,20 @@ msg_irq:    .asciz "virtio_rng: MSI-X interrupts on queue 0: "
 msg_len_bad: .asciz "the device returned 0 bytes or more than the buffer"
 msg_zero:   .asciz "the device returned all-zero bytes"
 msg_same:   .asciz "two requests returned the same bytes"
+key_maskpba: .asciz "maskpba="
+key_churn:  .asciz "churn="
+msg_masked1: .asciz "virtio_rng: masked: completion without interrupt, PBA "
+msg_masked2: .asciz "virtio_rng: masked: unmask delivered 1 interrupt, PBA bit clear\n"
+msg_needs_msix: .asciz "maskpba= and churn= need msix=1"
+msg_masked_irq: .asciz "an interrupt arrived on a masked MSI-X vector"
+msg_masked_nopba: .asciz "a masked vector's request completed without setting its PBA bit"
+msg_unmask_noirq: .asciz "unmasking a pending vector did not deliver it within 1 s"
+msg_unmask_count: .asciz "unmasking a pending vector did not deliver exactly one interrupt"
+msg_unmask_pba: .asciz "the PBA bit stayed set after the pending vector was delivered"
+msg_churn1: .asciz "virtio_rng: churn: interrupt on vector 0x61 after the rewrites\n"
+msg_churn2: .asciz "virtio_rng: churn: back on vector 0x51\n"
+msg_churn_noirq: .asciz "after the rewrites, no interrupt arrived on vector 0x61 within 1 s"
+msg_churn_old: .asciz "after the rewrites, an interrupt arrived on the old vector 0x51"
 
     .balign 16
 rng_vb:     .fill 16, 1, 0

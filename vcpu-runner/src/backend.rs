@@ -266,7 +266,23 @@ pub trait Vm: Send + Sync {
     /// Replaces the GSI routing table with MSI routes `(gsi, address, data)`. With a userspace
     /// I/O APIC this is also how the backend learns which vectors are level-triggered I/O APIC
     /// vectors, whose EOIs it must report (`VmExit::IoapicEoi`).
+    ///
+    /// The table is replaced as a whole: call it through one owner that merges every user's routes
+    /// (`crate::routes::GsiRoutes`), never directly from two places.
     fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError>;
+    /// Binds `fd` to `gsi`: every write to the eventfd injects the interrupt the GSI's route
+    /// describes, inside the hypervisor (no exit, no ioctl on the writer's side).
+    fn register_irqfd(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        gsi: u32,
+    ) -> Result<(), BackendError>;
+    /// Undoes [`Vm::register_irqfd`].
+    fn unregister_irqfd(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        gsi: u32,
+    ) -> Result<(), BackendError>;
     /// Absorbs guest writes of any width to MMIO `addr` in the hypervisor: each signals `fd`
     /// instead of exiting to us (a virtio notify costs no userspace exit).
     fn register_ioeventfd(

@@ -173,6 +173,26 @@ impl Vm for KvmVm {
             .map_err(|e| BackendError::ioctl("KVM_IOEVENTFD", e))
     }
 
+    fn register_irqfd(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        gsi: u32,
+    ) -> Result<(), BackendError> {
+        self.vm
+            .register_irqfd(fd, gsi)
+            .map_err(|e| BackendError::ioctl("KVM_IRQFD", e))
+    }
+
+    fn unregister_irqfd(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        gsi: u32,
+    ) -> Result<(), BackendError> {
+        self.vm
+            .unregister_irqfd(fd, gsi)
+            .map_err(|e| BackendError::ioctl("KVM_IRQFD(DEASSIGN)", e))
+    }
+
     fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError> {
         let mut table = kvm_bindings::KvmIrqRouting::new(0)
             .map_err(|e| BackendError::Invalid(format!("route table: {e:?}")))?;

@@ -14,6 +14,7 @@ pub mod handler;
 pub mod kvm;
 pub mod machine;
 pub use stages::ratelimit;
+pub mod routes;
 pub mod runner;
 pub mod stats;
 
@@ -24,3 +25,4 @@ pub use backend::{
 pub use control::{ControlError, VcpuOp, VcpuOpResult};
 pub use kvm::KvmHypervisor;
 pub use machine::{Devices, Machine, MachineError, RunConfig, RunExit, RunOutcome, RunningVm};
+pub use routes::{GsiRoutes, IOAPIC_RESERVED_PINS};

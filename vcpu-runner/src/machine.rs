@@ -352,8 +352,8 @@ where
         split_irqchip: bool,
     ) -> Result<Self, MachineError> {
         // 32 pins: KVM reports EOIs only for level routes on GSIs below the reserved pin count, and
-        // our I/O APIC has 32 inputs (the HPET routes to 24-31).
-        let vm = hv.create_vm(split_irqchip.then_some(32))?;
+        // our I/O APIC has 32 inputs (the HPET routes to 24-31). MSI-X vectors get GSIs above.
+        let vm = hv.create_vm(split_irqchip.then_some(crate::routes::IOAPIC_RESERVED_PINS))?;
         let total: u64 = ram.iter().map(|(_, l)| *l as u64).sum();
         let memory = GuestMemoryMmap::<()>::from_ranges(ram).map_err(|e| MachineError::Memory {
             size: total,

@@ -34,7 +34,7 @@ impl RecordingMsi {
 }
 
 impl MsiTrigger for RecordingMsi {
-    fn trigger(&self, addr: u64, data: u32) {
+    fn trigger(&self, _vector: u16, addr: u64, data: u32) {
         if let Ok(mut m) = self.msgs.lock() {
             m.push((addr, data));
         }

@@ -298,6 +298,12 @@ fn vendor_cap(cfg_type: u8, offset: u32, length: u32, extra: &[u8]) -> Vec<u8> {
     c
 }
 
+/// MSI-X table entries of the function that wraps `device`: one for configuration changes, one
+/// per queue (what a platform that binds a resource per vector needs to know before wiring it).
+pub fn msix_vectors(device: &dyn VirtioDevice) -> u16 {
+    u16::try_from(device.queue_max_sizes().len() + 1).unwrap_or(u16::MAX)
+}
+
 impl VirtioPciDevice {
     /// Wraps `device` in a PCI function over guest memory `mem`. BAR 0 starts unplaced: the
     /// platform calls [`VirtioPciDevice::set_bar_address`] before the guest runs.
@@ -313,7 +319,7 @@ impl VirtioPciDevice {
             return Err(TransportError::Queues(name));
         }
         let config_len = u32::try_from(device.config_len().min(REGION_PAGE)).unwrap_or(0);
-        let vectors = u16::try_from(nq + 1).map_err(|_| TransportError::Queues(name))?;
+        let vectors = msix_vectors(device.as_ref());
         let (class, subclass, prog_if) = device.pci_class();
         let intx = Arc::new(IntxPin::new(wiring.intx.clone()));
         let mut pci = PciFunction::new(

@@ -703,7 +703,7 @@ mod tests {
 
     struct NoMsi;
     impl MsiTrigger for NoMsi {
-        fn trigger(&self, _: u64, _: u32) {}
+        fn trigger(&self, _: u16, _: u64, _: u32) {}
     }
 
     #[test]

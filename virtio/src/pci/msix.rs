@@ -4,8 +4,10 @@
 //! module only sees offsets relative to the start of the table or of the PBA. The state is shared
 //! (`Arc<Msix>`) between the register side (guest writes to the table and the capability's control
 //! word, on the device-model thread) and the queue workers that raise vectors, so it has its own
-//! lock. Lock order: the device's lock, then this one; the [`MsiTrigger`] is called with no lock of
-//! this module held.
+//! lock. Lock order: the device's lock, then this one, then whatever the [`MsiTrigger`] takes: the
+//! trigger is called with this module's lock held, so a message always leaves with the entry's
+//! current contents and a platform that keeps a route per vector (irqfd) updates it in step with
+//! the table. A trigger must not call back into its [`Msix`].
 //!
 //! Semantics (PCI Local Bus 3.0 §6.8.2): every entry starts masked; a vector raised while its entry
 //! or the whole function is masked sets its pending bit instead; unmasking delivers a pending vector
@@ -17,11 +19,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use stages::platform::{le_value, put_le_value};
 
-/// Delivers one MSI message: the platform implements it with KVM irqfd + an MSI route (no vCPU exit
-/// on the completion path) or `KVM_SIGNAL_MSI`.
+/// Delivers one MSI message: the platform implements it with KVM irqfd + an MSI route per vector
+/// (no vCPU exit and no ioctl on the completion path) or `KVM_SIGNAL_MSI`.
+///
+/// Called with the function's MSI-X lock held, only for an entry that is unmasked in an enabled,
+/// unmasked function: `vector` is the table entry, `address`/`data` its message now. An irqfd
+/// platform installs the message as the vector's route when it differs from the route in place
+/// (a guest that rewrites the table costs route updates only when it also takes interrupts).
 pub trait MsiTrigger: Send + Sync {
-    /// Sends the message `data` to `vector_addr` (the entry's message address, 64 bits).
-    fn trigger(&self, vector_addr: u64, data: u32);
+    /// Sends entry `vector`'s message: `data` to `address` (64 bits).
+    fn trigger(&self, vector: u16, address: u64, data: u32);
 }
 
 /// Bytes per table entry.
@@ -97,22 +104,26 @@ impl State {
             }
         }
     }
-    /// Messages to send now for every pending, now unmasked vector (clears their bits).
-    fn take_deliverable(&mut self) -> Vec<(u64, u32)> {
-        let mut out = Vec::new();
+    /// Sends every pending, now unmasked vector's message (and clears its bit).
+    fn deliver_pending(&mut self, m: &Msix) {
         if !self.enabled || self.function_masked {
-            return out;
+            return;
         }
-        for v in 0..self.entries.len() {
-            let Some(e) = self.entries.get(v).copied() else {
-                continue;
-            };
-            if !e.masked() && self.pending(v) {
-                self.set_pending(v, false);
-                out.push((e.address(), e.data));
+        for (w, word) in self.pending.iter_mut().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let v = w * 64 + b;
+                let Some(e) = self.entries.get(v) else {
+                    continue;
+                };
+                if !e.masked() {
+                    *word &= !(1u64 << b);
+                    m.send(v, e);
+                }
             }
         }
-        out
     }
 }
 
@@ -167,11 +178,11 @@ impl Msix {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn send(&self, msgs: Vec<(u64, u32)>) {
-        for (addr, data) in msgs {
-            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-            self.trigger.trigger(addr, data);
-        }
+    /// Sends entry `v` (called with the state lock held).
+    fn send(&self, v: usize, e: &Entry) {
+        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        let v = u16::try_from(v).unwrap_or(u16::MAX);
+        self.trigger.trigger(v, e.address(), e.data);
     }
 
     /// Number of table entries.
@@ -206,35 +217,29 @@ impl Msix {
 
     /// Capability control bits changed (enable, function mask): deliver what became deliverable.
     pub fn set_control(&self, enabled: bool, function_masked: bool) {
-        let msgs = {
-            let mut s = self.lock();
-            s.enabled = enabled;
-            s.function_masked = function_masked;
-            s.take_deliverable()
-        };
-        self.send(msgs);
+        let mut s = self.lock();
+        s.enabled = enabled;
+        s.function_masked = function_masked;
+        s.deliver_pending(self);
     }
 
     /// Raises `vector`.
     pub fn notify(&self, vector: u16) -> MsixOutcome {
         let v = usize::from(vector);
-        let msg = {
-            let mut s = self.lock();
-            if !s.enabled {
-                return MsixOutcome::Disabled;
-            }
-            let Some(e) = s.entries.get(v).copied() else {
-                self.stats.no_such_vector.fetch_add(1, Ordering::Relaxed);
-                return MsixOutcome::NoSuchVector;
-            };
-            if s.function_masked || e.masked() {
-                s.set_pending(v, true);
-                self.stats.pended.fetch_add(1, Ordering::Relaxed);
-                return MsixOutcome::Pending;
-            }
-            (e.address(), e.data)
+        let mut s = self.lock();
+        if !s.enabled {
+            return MsixOutcome::Disabled;
+        }
+        let Some(e) = s.entries.get(v).copied() else {
+            self.stats.no_such_vector.fetch_add(1, Ordering::Relaxed);
+            return MsixOutcome::NoSuchVector;
         };
-        self.send(vec![msg]);
+        if s.function_masked || e.masked() {
+            s.set_pending(v, true);
+            self.stats.pended.fetch_add(1, Ordering::Relaxed);
+            return MsixOutcome::Pending;
+        }
+        self.send(v, &e);
         MsixOutcome::Delivered
     }
 
@@ -267,7 +272,7 @@ impl Msix {
             return;
         };
         let v = le_value(data);
-        let msgs = {
+        {
             let mut s = self.lock();
             let Some(e) = s.entries.get_mut(entry) else {
                 return;
@@ -285,9 +290,8 @@ impl Msix {
                     _ => {}
                 }
             }
-            s.take_deliverable()
-        };
-        self.send(msgs);
+            s.deliver_pending(self);
+        }
     }
 
     /// (entry, dword within entry, width) of a table access, or `None` if it is refused.
@@ -348,7 +352,7 @@ mod tests {
     #[derive(Default)]
     struct Rec(Mutex<Vec<(u64, u32)>>);
     impl MsiTrigger for Rec {
-        fn trigger(&self, a: u64, d: u32) {
+        fn trigger(&self, _v: u16, a: u64, d: u32) {
             self.0.lock().unwrap().push((a, d));
         }
     }
@@ -385,6 +389,45 @@ mod tests {
         assert_eq!(m.stats.no_such_vector.load(Ordering::Relaxed), 1);
         assert_eq!(m.stats.delivered.load(Ordering::Relaxed), 3);
         assert_eq!(m.stats.pended.load(Ordering::Relaxed), 2);
+    }
+
+    /// Records (vector, address, data).
+    #[derive(Default)]
+    struct ByVector(Mutex<Vec<(u16, u64, u32)>>);
+    impl MsiTrigger for ByVector {
+        fn trigger(&self, v: u16, a: u64, d: u32) {
+            self.0.lock().unwrap().push((v, a, d));
+        }
+    }
+
+    #[test]
+    fn the_trigger_sees_the_entry_and_its_current_message_and_table_churn_sends_nothing() {
+        let rec = Arc::new(ByVector::default());
+        let m = Msix::new(4, rec.clone()).unwrap();
+        m.set_control(true, false);
+        program(&m, 2, 0xfee0_0000, 0x51);
+        assert_eq!(m.notify(2), MsixOutcome::Delivered);
+        // A guest retargeting the entry in a loop (unmasked, nothing pending): nothing is sent and
+        // nothing is kept per write.
+        for i in 0..100_000u32 {
+            m.table_write(2 * 16 + 8, &(0x40 + (i % 2)).to_le_bytes());
+        }
+        m.table_write(2 * 16, &0xfee0_1000u64.to_le_bytes());
+        m.table_write(2 * 16 + 8, &0x61u32.to_le_bytes());
+        assert_eq!(m.notify(2), MsixOutcome::Delivered);
+        assert_eq!(
+            &*rec.0.lock().unwrap(),
+            &[(2, 0xfee0_0000, 0x51), (2, 0xfee0_1000, 0x61)]
+        );
+        // Pending vectors go out in entry order when the function mask drops.
+        m.set_control(true, true);
+        program(&m, 3, 0xfee0_0000, 0x52);
+        assert_eq!(m.notify(3), MsixOutcome::Pending);
+        assert_eq!(m.notify(2), MsixOutcome::Pending);
+        m.set_control(true, false);
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(&got[2..], &[(2, 0xfee0_1000, 0x61), (3, 0xfee0_0000, 0x52)]);
+        assert!(!m.is_pending(2) && !m.is_pending(3));
     }
 
     #[test]
