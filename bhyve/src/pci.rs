@@ -284,9 +284,12 @@ pub fn add_devices(
             eprintln!("bhyve: {what}: ignored: {i}");
         }
         let model: Box<dyn virtio::VirtioDevice> = match &d.spec {
-            DeviceSpec::Block(o) => Box::new(
-                virtio::blk::Block::open(o).map_err(|e| format!("{what}: virtio-blk: {e}"))?,
-            ),
+            DeviceSpec::Block(o) => {
+                let mut b =
+                    virtio::blk::Block::open(o).map_err(|e| format!("{what}: virtio-blk: {e}"))?;
+                b.set_io_threads(virtio::blk::DEFAULT_IO_THREADS);
+                Box::new(b)
+            }
             DeviceSpec::Net(o) => {
                 let tap = virtio::net::Tap::open(&o.tap)
                     .map_err(|e| format!("{what}: virtio-net: tap {}: {e}", o.tap))?;

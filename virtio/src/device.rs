@@ -117,6 +117,10 @@ pub trait QueueHandler: Send {
     fn fd_ready(&mut self, _token: u32, _ctx: &mut QueueCtx<'_>) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// The queues are going away (reset, stop): finish or wait for work started on other threads.
+    /// Called on the worker thread before it hands the handler back; the transport bounds how long
+    /// it waits for that.
+    fn quiesce(&mut self) {}
     /// Gives the backend back (at reset), for the device to use in its next activation.
     fn into_backend(self: Box<Self>) -> Option<Box<dyn std::any::Any + Send>> {
         None

@@ -86,6 +86,8 @@ pub struct VirtioStats {
     pub activations: AtomicU64,
     /// Device resets (status 0 written).
     pub resets: AtomicU64,
+    /// Most requests a device had in flight at once (virtio-blk with I/O threads).
+    pub in_flight_high: AtomicU64,
 }
 
 impl VirtioStats {

@@ -862,7 +862,10 @@ impl VirtioPciDevice {
     fn stop_engine(&mut self) -> Option<Box<dyn QueueHandler>> {
         match std::mem::replace(&mut self.engine, Engine::Idle) {
             Engine::Idle => None,
-            Engine::Inline(r) => Some(r.handler),
+            Engine::Inline(mut r) => {
+                r.handler.quiesce();
+                Some(r.handler)
+            }
             Engine::Worker(mut w) => {
                 let _ = w.kill.write(1);
                 match w.done.recv_timeout(WORKER_STOP_TIMEOUT) {
@@ -1099,5 +1102,6 @@ fn worker_loop(
             }
         }
     }
+    r.handler.quiesce();
     let _ = done.send(r);
 }

@@ -1,0 +1,303 @@
+//! virtio-blk with I/O threads: several requests in flight, completions out of order, the FLUSH
+//! barrier, the in-flight bound against a guest that republishes heads, and a host that runs out of
+//! space (ENOSPC → IOERR, the device keeps serving).
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use virtio::blk::{self, Block};
+use virtio::device::device_id;
+use virtio::testing::{Driver, Harness, DATA_BASE};
+use virtio::transport::Execution;
+use vm_memory::{Bytes, GuestAddress};
+
+const T: Duration = Duration::from_secs(30);
+const SLOT: u64 = 0x8000;
+
+fn image(len: u64) -> (std::fs::File, std::path::PathBuf) {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "virtio-inflight-{}-{}.img",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(len).unwrap();
+    (f, path)
+}
+
+fn hdr(i: u64) -> u64 {
+    DATA_BASE + i * 16
+}
+fn status(i: u64) -> u64 {
+    DATA_BASE + 0x800 + i
+}
+fn data(i: u64) -> u64 {
+    DATA_BASE + 0x1000 + i * SLOT
+}
+
+fn blk_header(d: &Driver, at: u64, t: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&t.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    d.mem.write_slice(&h, GuestAddress(at)).unwrap();
+}
+
+/// Publishes request `i` (type `t` at `sector`, data of `len` bytes in slot `i`). Returns its head.
+fn push(d: &mut Driver, i: u64, t: u32, sector: u64, len: u32) -> u16 {
+    blk_header(d, hdr(i), t, sector);
+    d.mem.write_obj(0xaau8, GuestAddress(status(i))).unwrap();
+    let mut bufs = vec![(hdr(i), 16, false)];
+    if len > 0 {
+        bufs.push((data(i), len, t == blk::req::IN));
+    }
+    bufs.push((status(i), 1, true));
+    d.push(0, &bufs).unwrap()
+}
+
+fn pattern(i: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| u8::try_from((k as u64 * 31 + i * 7 + 1) % 251).unwrap())
+        .collect()
+}
+
+fn device(f: std::fs::File, threads: usize) -> (Harness, Driver) {
+    let mut b = Block::from_file(f, false, true, "INFLIGHT").unwrap();
+    b.set_io_threads(threads);
+    let h = Harness::new(Box::new(b), Execution::Worker).unwrap();
+    let mut d = h.driver();
+    d.bring_up(device_id::BLOCK, u64::MAX, false).unwrap();
+    (h, d)
+}
+
+#[test]
+fn writes_run_in_parallel_complete_out_of_order_and_a_flush_waits_for_them() {
+    let (f, path) = image(4 << 20);
+    let (h, mut d) = device(f, 4);
+    // 15 writes of 32 KiB, a FLUSH, then 8 reads of what the first 8 wrote: one notify.
+    let mut heads = Vec::new();
+    for i in 0..15u64 {
+        d.mem
+            .write_slice(&pattern(i, SLOT as usize), GuestAddress(data(i)))
+            .unwrap();
+        heads.push(push(&mut d, i, blk::req::OUT, i * 64, SLOT as u32));
+    }
+    let flush = push(&mut d, 15, blk::req::FLUSH, 0, 0);
+    let mut reads = Vec::new();
+    for i in 16..24u64 {
+        d.mem
+            .write_slice(&vec![0u8; SLOT as usize], GuestAddress(data(i)))
+            .unwrap();
+        reads.push(push(&mut d, i, blk::req::IN, (i - 16) * 64, SLOT as u32));
+    }
+    d.notify(0);
+    let mut order = Vec::new();
+    for _ in 0..24 {
+        let (id, len) = d.wait_used(0, T).unwrap();
+        order.push((u16::try_from(id).unwrap(), len));
+    }
+    let pos = |head: u16| order.iter().position(|(h, _)| *h == head).unwrap();
+    // Every write before the FLUSH completed before it; every read after it.
+    let fp = pos(flush);
+    assert!(heads.iter().all(|h| pos(*h) < fp), "{order:?}");
+    assert!(reads.iter().all(|h| pos(*h) > fp), "{order:?}");
+    for i in 0..24u64 {
+        assert_eq!(
+            d.mem.read_obj::<u8>(GuestAddress(status(i))).unwrap(),
+            blk::status::OK,
+            "request {i}"
+        );
+    }
+    // Used lengths: 1 for writes and the flush, data + 1 for reads.
+    for (h, len) in &order {
+        let want = if reads.contains(h) {
+            SLOT as u32 + 1
+        } else {
+            1
+        };
+        assert_eq!(*len, want, "head {h}");
+    }
+    for (k, i) in (16..24u64).enumerate() {
+        let mut got = vec![0u8; SLOT as usize];
+        d.mem.read_slice(&mut got, GuestAddress(data(i))).unwrap();
+        assert!(got == pattern(k as u64, SLOT as usize), "read {i}");
+    }
+    // The image holds every write.
+    let file = std::fs::File::open(&path).unwrap();
+    for i in 0..15u64 {
+        let mut got = vec![0u8; SLOT as usize];
+        file.read_exact_at(&mut got, i * 64 * 512).unwrap();
+        assert!(got == pattern(i, SLOT as usize), "write {i} in the image");
+    }
+    // Several were in flight at once: all but the last of the 15 writes went to the threads.
+    let s = h.lock().stats().clone();
+    assert_eq!(s.in_flight_high.load(Ordering::Relaxed), 14);
+    assert_eq!(s.chains.load(Ordering::Relaxed), 24);
+    assert_eq!(s.bytes_from_guest.load(Ordering::Relaxed), 15 * SLOT);
+    assert_eq!(s.bytes_to_guest.load(Ordering::Relaxed), 8 * SLOT);
+    drop(d);
+    drop(h);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_guest_republishing_one_head_cannot_exceed_the_in_flight_bound() {
+    let (f, path) = image(4 << 20);
+    // One I/O thread and 4 MiB reads (each far slower than popping one), so requests pile up in
+    // flight.
+    let mut b = Block::from_file(f, false, true, "INFLIGHT").unwrap();
+    b.set_io_threads(1);
+    let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let h = Harness::with_memory(Box::new(b), Execution::Worker, mem).unwrap();
+    let mut d = h.driver();
+    d.bring_up(device_id::BLOCK, u64::MAX, false).unwrap();
+    blk_header(&d, hdr(0), blk::req::IN, 0);
+    let buf = 8 << 20;
+    let head = d
+        .push(
+            0,
+            &[
+                (hdr(0), 16, false),
+                (buf, 4 << 20, true),
+                (status(0), 1, true),
+            ],
+        )
+        .unwrap();
+    // The same head published again and again: 4 rounds of 200 (the avail index never runs more
+    // than a queue size ahead of what the device popped), each notified.
+    let q = d.queues[0];
+    let mut idx = d.mem.read_obj::<u16>(GuestAddress(q.avail + 2)).unwrap();
+    let mut published = 1u64;
+    for round in 0..4 {
+        let n = if round == 0 { 199 } else { 200 };
+        for _ in 0..n {
+            let slot = q.avail + 4 + u64::from(idx % q.size) * 2;
+            d.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            idx = idx.wrapping_add(1);
+            d.mem.write_obj(idx, GuestAddress(q.avail + 2)).unwrap();
+        }
+        published += n;
+        d.notify(0);
+        // Long enough for the worker to pop the round (it then waits on the thread).
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = h.lock().stats().clone();
+    let start = std::time::Instant::now();
+    while s.chains.load(Ordering::Relaxed) < published && start.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        s.chains.load(Ordering::Relaxed),
+        published,
+        "every request answered"
+    );
+    assert_eq!(d.status() & virtio::device::status::NEEDS_RESET, 0);
+    // The bound was reached and held: the rest waited in the ring until requests completed.
+    assert_eq!(
+        s.in_flight_high.load(Ordering::Relaxed),
+        blk::MAX_IN_FLIGHT as u64 - 1,
+        "the last of a batch runs on the worker, the rest are in flight"
+    );
+    drop(d);
+    drop(h);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A directory with a 1 MiB tmpfs mounted on it (unmounted on drop), or `None` where mounting is
+/// not allowed.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount() -> Option<Self> {
+        let dir = std::env::temp_dir().join(format!("virtio-enospc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = std::fs::remove_dir(&dir);
+            return None;
+        }
+        Some(Self(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn an_image_that_runs_out_of_space_answers_ioerr_and_the_device_keeps_serving() {
+    let Some(fs) = SmallFs::mount() else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // An 8 MiB sparse image on a 1 MiB file system.
+    let path = fs.0.join("img");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(8 << 20).unwrap();
+    let (h, mut d) = device(f, 4);
+    // 40 writes of 32 KiB (1.25 MiB) at distinct places: the last ones find no space.
+    for i in 0..40u64 {
+        let slot = i % 16;
+        d.mem
+            .write_slice(&pattern(i, SLOT as usize), GuestAddress(data(slot)))
+            .unwrap();
+        push(&mut d, slot, blk::req::OUT, i * 64, SLOT as u32);
+        if slot == 15 || i == 39 {
+            d.notify(0);
+            let n = if i == 39 { 8 } else { 16 };
+            for _ in 0..n {
+                d.wait_used(0, T).unwrap();
+            }
+        }
+    }
+    let s = h.lock().stats().clone();
+    let errors = s.io_errors.load(Ordering::Relaxed);
+    assert!(errors > 0, "no write failed on a full file system");
+    assert!(errors < 40, "every write failed");
+    // The device still answers: a read of the first sectors gives what was written there.
+    push(&mut d, 16, blk::req::IN, 0, SLOT as u32);
+    d.notify(0);
+    d.wait_used(0, T).unwrap();
+    assert_eq!(
+        d.mem.read_obj::<u8>(GuestAddress(status(16))).unwrap(),
+        blk::status::OK
+    );
+    let mut got = vec![0u8; SLOT as usize];
+    d.mem.read_slice(&mut got, GuestAddress(data(16))).unwrap();
+    assert!(got == pattern(0, SLOT as usize));
+    assert_eq!(d.status() & virtio::device::status::NEEDS_RESET, 0);
+    drop(d);
+    drop(h);
+}
+
+#[test]
+fn host_errors_map_to_virtio_statuses() {
+    use virtio::blk::{status_of, RequestError};
+    let host = |e| {
+        status_of(&Err(RequestError::Host(std::io::Error::from_raw_os_error(
+            e,
+        ))))
+    };
+    assert_eq!(host(libc::EIO), blk::status::IOERR);
+    assert_eq!(host(libc::ENOSPC), blk::status::IOERR);
+    assert_eq!(host(libc::EOPNOTSUPP), blk::status::UNSUPP);
+}
