@@ -329,6 +329,7 @@ impl VirtioDevice for Block {
             threads: self.io_threads,
             pool: None,
             in_flight: 0,
+            stats: None,
             barrier: None,
         }))
     }
@@ -376,6 +377,23 @@ struct Job {
     status: u64,
     op: Op,
 }
+
+impl Job {
+    /// Reads and writes of at most [`INLINE_MAX`] bytes (served from the page cache in about the
+    /// time a hand-off to an I/O thread takes).
+    fn small(&self) -> bool {
+        match &self.op {
+            Op::Read { data, .. } | Op::Write { data, .. } => {
+                data.iter().map(|s| u64::from(s.len)).sum::<u64>() <= INLINE_MAX
+            }
+            Op::Flush | Op::Fallocate { .. } => false,
+        }
+    }
+}
+
+/// Reads and writes up to this size run on the worker itself; larger ones, and discards, go to the
+/// I/O threads.
+pub const INLINE_MAX: u64 = 64 * 1024;
 
 /// A finished request, for the worker to answer.
 #[derive(Debug)]
@@ -592,9 +610,9 @@ impl Pool {
 
 /// The request processing of an active virtio-blk.
 ///
-/// The worker pops and decodes chains; with I/O threads ([`Block::set_io_threads`]) every request
-/// of a batch but the last goes to the threads and the last runs on the worker, so a lone request
-/// costs no hand-off and a deep queue keeps several in flight. Results come back through an eventfd
+/// The worker pops and decodes chains; with I/O threads ([`Block::set_io_threads`]) transfers
+/// larger than [`INLINE_MAX`] (and discards) go to the threads, so several are in flight, while
+/// small ones run on the worker at once (a hand-off would cost more than the copy). Results come back through an eventfd
 /// the worker waits on ([`QueueHandler::wait_fds`]); completions go to the used ring in the order
 /// they finish. At most [`MAX_IN_FLIGHT`] requests are in flight; past that the worker stops
 /// popping until some complete. A FLUSH is a barrier: it runs once every request popped before it
@@ -611,6 +629,8 @@ pub struct BlockHandler {
     threads: usize,
     pool: Option<Pool>,
     in_flight: usize,
+    /// The function's counters (for the in-flight gauge at quiesce).
+    stats: Option<Arc<VirtioStats>>,
     /// A FLUSH waiting for the requests before it.
     barrier: Option<Job>,
 }
@@ -768,6 +788,7 @@ impl BlockHandler {
             match tx.send(job) {
                 Ok(()) => {
                     self.in_flight += 1;
+                    VirtioStats::inc(&ctx.signals.stats.in_flight);
                     ctx.signals.stats.in_flight_high.fetch_max(
                         u64::try_from(self.in_flight).unwrap_or(u64::MAX),
                         std::sync::atomic::Ordering::Relaxed,
@@ -797,6 +818,12 @@ impl BlockHandler {
         let any = !done.is_empty();
         for d in done {
             self.in_flight = self.in_flight.saturating_sub(1);
+            // The gauge drops before the chain counts as completed: an observer adding the two
+            // never counts a request twice.
+            ctx.signals
+                .stats
+                .in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             self.complete(q, d, ctx)?;
         }
         Ok(any)
@@ -809,7 +836,10 @@ impl BlockHandler {
         if self.threads > 0 {
             let n = std::mem::take(&mut self.threads);
             match Pool::start(n, &self.file, ctx.mem) {
-                Ok(p) => self.pool = Some(p),
+                Ok(p) => {
+                    self.pool = Some(p);
+                    self.stats = Some(ctx.signals.stats.clone());
+                }
                 Err(e) => ctx.signals.log.log(format_args!(
                     "cannot start {n} I/O threads, requests run on the worker: {e}"
                 )),
@@ -824,10 +854,7 @@ impl BlockHandler {
                 used = true;
             }
         }
-        // The last request of the batch runs on this thread once the ring is drained.
-        let mut held: Option<Job> = None;
-        while self.barrier.is_none() && self.in_flight + usize::from(held.is_some()) < MAX_IN_FLIGHT
-        {
+        while self.barrier.is_none() && self.in_flight < MAX_IN_FLIGHT {
             let Some(chain) = ctx.pop(q)? else {
                 break;
             };
@@ -836,17 +863,14 @@ impl BlockHandler {
                     self.complete(q, d, ctx)?;
                     used = true;
                 }
-                Prepared::Io(job) => {
-                    if let Some(prev) = held.replace(job) {
-                        used |= self.submit(q, prev, ctx)?;
-                    }
+                // Small transfers cost less than a hand-off: they run here.
+                Prepared::Io(job) if job.small() => {
+                    let d = execute(job, &self.file, ctx.mem);
+                    self.complete(q, d, ctx)?;
+                    used = true;
                 }
+                Prepared::Io(job) => used |= self.submit(q, job, ctx)?,
                 Prepared::Flush(job) => {
-                    if let Some(prev) = held.take() {
-                        let d = execute(prev, &self.file, ctx.mem);
-                        self.complete(q, d, ctx)?;
-                        used = true;
-                    }
                     if self.in_flight == 0 {
                         let d = execute(job, &self.file, ctx.mem);
                         self.complete(q, d, ctx)?;
@@ -856,11 +880,6 @@ impl BlockHandler {
                     }
                 }
             }
-        }
-        if let Some(job) = held {
-            let d = execute(job, &self.file, ctx.mem);
-            self.complete(q, d, ctx)?;
-            used = true;
         }
         Ok(used)
     }
@@ -876,6 +895,9 @@ impl BlockHandler {
                 }
                 self.in_flight -= 1;
             }
+        }
+        if let Some(st) = &self.stats {
+            st.in_flight.store(0, std::sync::atomic::Ordering::Relaxed);
         }
         self.in_flight = 0;
         self.barrier = None;

@@ -88,6 +88,9 @@ pub struct VirtioStats {
     pub resets: AtomicU64,
     /// Most requests a device had in flight at once (virtio-blk with I/O threads).
     pub in_flight_high: AtomicU64,
+    /// Requests in flight now (a gauge, not a counter: popped from the ring, not yet in the used
+    /// ring; virtio-blk with I/O threads).
+    pub in_flight: AtomicU64,
 }
 
 impl VirtioStats {
