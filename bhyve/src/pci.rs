@@ -12,11 +12,14 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use stages::devices::pci::{Bdf, PciConfigSpace};
+use stages::pc::PcPlatform;
 use stages::{BusDevice, Space, Stage};
 use vcpu_runner::{Devices, GsiRoutes, KvmHypervisor, Machine, Vm};
 use virtio::options::{ConsoleTarget, DeviceSpec};
 use virtio::transport::RegionKind;
-use virtio::{BarRegion, Execution, MsiTrigger, PciConfigHandle, VirtioPciDevice, Wiring};
+use virtio::{
+    BarRegion, Execution, IntxLine, MsiTrigger, PciConfigHandle, VirtioPciDevice, Wiring,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::opts::PciDevice;
@@ -255,6 +258,63 @@ impl<V: Vm> Drop for IrqfdMsi<V> {
     }
 }
 
+/// The PCI INTx lines into the platform's I/O APIC: each I/O APIC input is a wired OR of the
+/// functions whose INTx pin the `_PRT` routes to it ([`loader::pci_intx_gsi`]), so one function
+/// releasing a shared line does not drop another's assertion.
+pub struct IntxLines {
+    pc: Arc<PcPlatform>,
+    asserted: Mutex<[u32; stages::pc::PC_LINES]>,
+}
+
+impl std::fmt::Debug for IntxLines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntxLines")
+            .field("asserted", &*lock(&self.asserted))
+            .finish()
+    }
+}
+
+impl IntxLines {
+    /// Lines into `pc`.
+    pub fn new(pc: Arc<PcPlatform>) -> Arc<Self> {
+        Arc::new(Self {
+            pc,
+            asserted: Mutex::new([0; stages::pc::PC_LINES]),
+        })
+    }
+
+    /// One function's INTx pin on I/O APIC input `gsi`.
+    pub fn pin(self: &Arc<Self>, gsi: u32) -> Arc<dyn IntxLine> {
+        Arc::new(IntxPinLine {
+            lines: self.clone(),
+            gsi,
+        })
+    }
+}
+
+/// One function's INTx pin (level-triggered; the function's `IntxPin` reports changes only).
+struct IntxPinLine {
+    lines: Arc<IntxLines>,
+    gsi: u32,
+}
+
+impl IntxLine for IntxPinLine {
+    fn set_level(&self, asserted: bool) {
+        let mut a = lock(&self.lines.asserted);
+        let Some(n) = usize::try_from(self.gsi).ok().and_then(|i| a.get_mut(i)) else {
+            return;
+        };
+        *n = if asserted {
+            n.saturating_add(1)
+        } else {
+            n.saturating_sub(1)
+        };
+        // Drive the I/O APIC with the line lock held, so two functions' changes reach it in the
+        // order of their counts.
+        self.lines.pc.set_irq(self.gsi, *n > 0);
+    }
+}
+
 /// What the monitor keeps of each device model after set-up: its counters, for `stats.print`.
 #[derive(Debug)]
 pub struct PciModel {
@@ -276,6 +336,7 @@ pub fn add_devices(
     devices: &mut Devices,
     extra: &ExtraFunctions,
     routes: &Arc<GsiRoutes>,
+    intx: &Arc<IntxLines>,
 ) -> Result<Vec<PciModel>, String> {
     let mut models = Vec::new();
     for d in list {
@@ -323,14 +384,17 @@ pub fn add_devices(
         ));
         let name = model.name();
         let msi_stats = msi.stats().clone();
+        // INTx (the fallback while MSI-X is off): INTA of the slot, where the _PRT routes it.
+        let gsi = loader::pci_intx_gsi(d.slot, 0);
         let wiring = Wiring {
             msi,
-            intx: None,
+            intx: Some(intx.pin(gsi)),
             execution: Execution::Worker,
             name: format!("{vm_name}-{}.{}", d.slot, d.function),
         };
         let mut dev = VirtioPciDevice::new(model, machine.memory().clone(), wiring)
             .map_err(|e| format!("{what}: {e}"))?;
+        dev.set_interrupt_line(u8::try_from(gsi).unwrap_or(0xff));
         let base = bar0(d.slot, d.function);
         dev.set_bar_address(0, base)
             .map_err(|e| format!("{what}: BAR 0 at {base:#x}: {e}"))?;

@@ -306,6 +306,9 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     acpi.com1 = cfg.com1.is_some();
     acpi.com2 = cfg.com2.is_some();
     acpi.mcfg = false; // no ECAM decoder yet: config space is reached through 0xCF8/0xCFC
+    acpi.pci_slots = cfg.pci.iter().fold(0, |m, d| {
+        m | 1u32.checked_shl(u32::from(d.slot)).unwrap_or(0)
+    });
     let rsdp = loader::build_acpi(mem, &acpi).map_err(|source| VmError::Load {
         path: cfg.kernel.display().to_string(),
         source,
@@ -448,6 +451,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         &mut devices,
         &extra,
         &gsi_routes,
+        &crate::pci::IntxLines::new(pc.clone()),
     )
     .map_err(VmError::Device)?;
     if cfg.test_devices {

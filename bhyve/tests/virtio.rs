@@ -425,6 +425,39 @@ fn virtio_rng_returns_two_different_nonzero_64_byte_blocks_polled_and_with_msix(
     assert_ne!(seen[0], seen[2], "two boots returned the same entropy");
 }
 
+#[test]
+fn virtio_rng_without_msix_interrupts_through_intx_on_the_io_apic_input_the_prt_names() {
+    let dir = work_dir("intx");
+    let mut args = dev("3,virtio-rnd");
+    args.extend(["-o".to_string(), "stats.print=true".to_string()]);
+    let o = run(&dir, "virtio_rng", "msix=0 intx=1", &args);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(guests::STATUS_OK), "{out}");
+    // Slot 3, INTA: I/O APIC input 16 + (3 + 0) % 8, as the DSDT's _PRT says (loader::acpi).
+    let gsi = loader::pci_intx_gsi(3, 0);
+    assert_eq!(gsi, 19);
+    assert!(
+        out.contains(&format!("virtio_rng: INTx: pin INTA, line {gsi}")),
+        "{out}"
+    );
+    // One interrupt per completion: the handler's ISR read deasserted the level each time.
+    assert!(
+        out.contains(
+            "virtio_rng: INTx: 2 interrupts on vector 0x70, ISR bits seen by the handler 1"
+        ),
+        "{out}"
+    );
+    let err = stderr(&o);
+    assert_eq!(
+        counter(&err, "3.0 virtio-rnd MSI-X messages by irqfd"),
+        Some(0)
+    );
+    assert_eq!(
+        counter(&err, "3.0 virtio-rnd MSI-X messages by KVM_SIGNAL_MSI"),
+        Some(0)
+    );
+}
+
 /// Connects to the console socket `child` listens on (it appears once the device is created).
 fn connect(child: &mut Option<Child>, path: &Path) -> UnixStream {
     let start = Instant::now();

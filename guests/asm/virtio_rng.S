@@ -8,8 +8,14 @@
 // 0x51 and 0x61 (ending on 0x61, unmasked throughout), makes a request and waits for the interrupt
 // on 0x61; then restores 0x51 and makes one more request (its interrupt on 0x51). Prints
 // "virtio_rng: churn: ...".
-// Parameters: slot=, msix=, pmport= (virtio.inc), maskpba=, churn=.
+// intx=1 (with msix=0): then reads the interrupt pin (INTA) and line (the I/O APIC input the
+// platform wired it to) registers, routes that input to vector 0x70 (level, active low), makes two
+// requests and waits for an INTx interrupt after each; the interrupt handler reads the ISR (which
+// deasserts the line), so exactly two arrive. Prints "virtio_rng: INTx: ...".
+// Parameters: slot=, msix=, pmport= (virtio.inc), maskpba=, churn=, intx=.
 #define RING0_HOOK mov al, 0xff ; out 0x21, al ; out 0xa1, al ; jmp irq_enter_user
+// The INTx handler's part (vector 0x70): read the ISR, as a driver does, which deasserts the line.
+#define IRQ_HOOK cmp eax, 0x70 ; jne 71f ; mov rax, [rip + vio_isr] ; mov al, [rax] ; or [rip + intx_isr], al ; 71:
 #include "rt.inc"
 #include "rt_irq.inc"
 #include "virtio.inc"
@@ -87,8 +93,95 @@ user_main:
     jz      3f
     mov     rdi, rax
     call    route_churn
-3:  mov     edi, EXIT_OK
+3:  lea     rdi, [rip + key_intx]
+    xor     esi, esi
+    call    arg_u64
+    test    rax, rax
+    jz      4f
+    call    intx_check
+4:  mov     edi, EXIT_OK
     jmp     guest_exit
+
+.set INTX_VEC, 0x70
+
+// intx_check: the intx=1 check.
+intx_check:
+    push    rbx
+    push    r12
+    push    r13
+    cmp     dword ptr [rip + vio_msix_on], 0
+    jne     90f
+    mov     edi, 0x3d                   // interrupt pin: 1 = INTA
+    call    vio_cfg_read8
+    cmp     eax, 1
+    jne     91f
+    mov     edi, 0x3c                   // interrupt line: the I/O APIC input
+    call    vio_cfg_read8
+    mov     ebx, eax
+    cmp     ebx, 16
+    jb      92f
+    cmp     ebx, 23
+    ja      92f
+    lea     rsi, [rip + msg_intx1]
+    call    puts
+    mov     eax, ebx
+    call    putdec
+    call    putnl
+    // The earlier requests left the line asserted (the input was masked): read the ISR first.
+    mov     rax, [rip + vio_isr]
+    mov     al, [rax]
+    mov     byte ptr [rip + intx_isr], 0
+    call    lapic_id
+    shl     eax, 24
+    mov     edx, eax
+    mov     edi, ebx
+    mov     esi, INTX_VEC | RTE_LEVEL | 0x2000   // level, active low, fixed, physical
+    call    ioapic_rte
+    mov     edi, INTX_VEC
+    call    irq_count
+    mov     r12, rax                    // interrupts before
+    xor     r13d, r13d
+1:  lea     rbx, [rip + rng_buf1]
+    call    rng_get                     // polled (msix=0)
+    lea     rdi, [rip + irq_counts + INTX_VEC * 8]
+    lea     rsi, [r12 + r13]
+    call    wait_count
+    test    eax, eax
+    jz      93f
+    inc     r13d
+    cmp     r13d, 2
+    jb      1b
+    mov     edi, 20                     // a line left asserted would fire again meanwhile
+    call    vio_delay_ms
+    mov     edi, INTX_VEC
+    call    irq_count
+    sub     rax, r12
+    cmp     rax, 2
+    jne     94f
+    movzx   eax, byte ptr [rip + intx_isr]
+    test    eax, 1
+    jz      95f
+    lea     rsi, [rip + msg_intx2]
+    call    puts
+    movzx   eax, byte ptr [rip + intx_isr]
+    call    putdec
+    call    putnl
+    pop     r13
+    pop     r12
+    pop     rbx
+    ret
+90: lea     rsi, [rip + msg_intx_msix]
+    jmp     fail
+91: lea     rsi, [rip + msg_intx_pin]
+    jmp     fail
+92: lea     rsi, [rip + msg_intx_line]
+    jmp     fail
+93: lea     rsi, [rip + msg_intx_noirq]
+    jmp     fail
+94: lea     rsi, [rip + msg_intx_count]
+    jmp     fail
+95: lea     rsi, [rip + msg_intx_isr]
+    jmp     fail
 
 // rng_polled: rbx = 64-byte buffer. rng_get with the completion polled (no interrupt expected),
 // then the queue's interrupt bookkeeping restarted from the current count (so later vq_waits do
@@ -340,6 +433,15 @@ msg_zero:   .asciz "the device returned all-zero bytes"
 msg_same:   .asciz "two requests returned the same bytes"
 key_maskpba: .asciz "maskpba="
 key_churn:  .asciz "churn="
+key_intx:   .asciz "intx="
+msg_intx1:  .asciz "virtio_rng: INTx: pin INTA, line "
+msg_intx2:  .asciz "virtio_rng: INTx: 2 interrupts on vector 0x70, ISR bits seen by the handler "
+msg_intx_msix: .asciz "intx=1 needs msix=0"
+msg_intx_pin: .asciz "the interrupt pin register does not say INTA"
+msg_intx_line: .asciz "the interrupt line register is not an I/O APIC input 16-23"
+msg_intx_noirq: .asciz "a completion was not followed by an INTx interrupt within 1 s"
+msg_intx_count: .asciz "INTx: not exactly one interrupt per completion (the ISR read did not deassert?)"
+msg_intx_isr: .asciz "INTx: the handler never saw ISR bit 0"
 msg_masked1: .asciz "virtio_rng: masked: completion without interrupt, PBA "
 msg_masked2: .asciz "virtio_rng: masked: unmask delivered 1 interrupt, PBA bit clear\n"
 msg_needs_msix: .asciz "maskpba= and churn= need msix=1"
@@ -353,6 +455,7 @@ msg_churn2: .asciz "virtio_rng: churn: back on vector 0x51\n"
 msg_churn_noirq: .asciz "after the rewrites, no interrupt arrived on vector 0x61 within 1 s"
 msg_churn_old: .asciz "after the rewrites, an interrupt arrived on the old vector 0x51"
 
+intx_isr:   .byte 0
     .balign 16
 rng_vb:     .fill 16, 1, 0
 rng_buf1:   .fill RNG_BYTES, 1, 0

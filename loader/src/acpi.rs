@@ -83,8 +83,11 @@
 //! mechanism #1 for the first 256 bytes of every function, so only extended configuration space
 //! goes to the ECAM.
 //!
-//! Not built (yet): an RSDT (every OS we target reads the XSDT of a revision-2 RSDP), `_PRT`
-//! interrupt routing (no PCI INTx device exists yet), a 64-bit PCI memory window, GPE blocks,
+//! With PCI device models (`AcpiConfig::pci_slots`), `PC00` also has a `_PRT`: INTA–INTD of each
+//! such slot straight to I/O APIC inputs 16–23 ([`pci_intx_gsi`]; level, active low).
+//!
+//! Not built (yet): an RSDT (every OS we target reads the XSDT of a revision-2 RSDP), PCI
+//! interrupt link devices (PIC-mode routing), a 64-bit PCI memory window, GPE blocks,
 //! sleep states other than S5, SRAT/SLIT, MP tables.
 //!
 //! # Crate
@@ -191,6 +194,20 @@ pub struct AcpiConfig {
     pub mcfg: bool,
     /// HPET table event timer block ID (the low 32 bits of the HPET's GCAP_ID register).
     pub hpet_block_id: u32,
+    /// Bus-0 slots holding PCI device models (bit per slot): `\_SB_.PC00._PRT` routes their
+    /// INTA–INTD to I/O APIC inputs ([`pci_intx_gsi`]). No slot, no `_PRT`.
+    pub pci_slots: u32,
+}
+
+/// First I/O APIC input for PCI INTx (16–23; 0–15 are the ISA IRQs).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+
+/// The I/O APIC input (GSI) that INTx `pin` (0 = INTA … 3 = INTD) of bus-0 `slot` is wired to: the
+/// usual swizzle over inputs 16–23, `16 + (slot + pin) % 8`. Level-triggered, active low, as PCI
+/// interrupts are (the `_PRT` says so by naming a GSI, not a link device). The platform also writes
+/// it into each function's interrupt line register (0x3C), where a guest without ACPI finds it.
+pub fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (u32::from(slot) + u32::from(pin)) % 8
 }
 
 impl AcpiConfig {
@@ -203,6 +220,7 @@ impl AcpiConfig {
             i8042: false,
             mcfg: true,
             hpet_block_id: HPET_EVENT_TIMER_BLOCK_ID,
+            pci_slots: 0,
         }
     }
 }
@@ -543,6 +561,37 @@ fn isa(cfg: &AcpiConfig) -> Encoded {
     Encoded(bytes_of(&aml::Device::new("ISA_".into(), children)))
 }
 
+/// `Name (_PRT, Package () { Package () { slot << 16 | 0xFFFF, pin, 0, gsi }, ... })` for INTA–INTD
+/// of every slot in `slots`: each pin straight to an I/O APIC input (source 0: a GSI, no link).
+fn prt(slots: u32) -> Option<Encoded> {
+    let mut entries: Vec<(u32, u8, u32)> = Vec::new();
+    for slot in 0..32u8 {
+        if slots & (1u32 << slot) == 0 {
+            continue;
+        }
+        for pin in 0..4u8 {
+            entries.push((
+                (u32::from(slot) << 16) | 0xffff,
+                pin,
+                pci_intx_gsi(slot, pin),
+            ));
+        }
+    }
+    if entries.is_empty() {
+        return None;
+    }
+    let zero = 0u8;
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(adr, pin, gsi)| aml::Package::new(vec![adr, pin, &zero, gsi]))
+        .collect();
+    let refs: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
+    Some(Encoded(bytes_of(&aml::Name::new(
+        "_PRT".into(),
+        &aml::Package::new(refs),
+    ))))
+}
+
 /// `\_SB_.PC00`: the PCI root bridge with the ISA bridge and the HPET below it.
 fn pci_root(cfg: &AcpiConfig) -> Encoded {
     let hid = hid("PNP0A03");
@@ -568,10 +617,12 @@ fn pci_root(cfg: &AcpiConfig) -> Encoded {
     let hpet_mem = aml::Memory32Fixed::new(true, addr32(HPET_ADDR), HPET_MMIO_LEN);
     let hpet = device("HPET", "PNP0103", Some(0), vec![&hpet_mem]);
 
-    Encoded(bytes_of(&aml::Device::new(
-        "PC00".into(),
-        vec![&hid, &adr, &uid, &bbn, &crs, &isa, &hpet],
-    )))
+    let prt = prt(cfg.pci_slots);
+    let mut children: Vec<&dyn Aml> = vec![&hid, &adr, &uid, &bbn, &crs];
+    children.extend(prt.as_ref().map(|p| p as &dyn Aml));
+    children.push(&isa);
+    children.push(&hpet);
+    Encoded(bytes_of(&aml::Device::new("PC00".into(), children)))
 }
 
 /// The DSDT: `\_S5_`, `_PIC`, and `\_SB_` with the PCI root and the power button.
@@ -614,6 +665,24 @@ mod tests {
 
     fn le32(b: &[u8], at: usize) -> u32 {
         u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+
+    #[test]
+    fn prt_routes_inta_to_intd_of_each_device_slot_only_when_there_are_devices() {
+        let has = |t: &[u8], n: &[u8]| t.windows(n.len()).any(|w| w == n);
+        assert!(!has(&dsdt(&AcpiConfig::new(1)), b"_PRT"));
+        let t = dsdt(&AcpiConfig {
+            pci_slots: 1 << 4,
+            ..AcpiConfig::new(1)
+        });
+        assert!(has(&t, b"_PRT"));
+        // Package () { 0x0004FFFF, pin, 0, gsi }: DWordConst 0x0004FFFF then pin 0..3.
+        assert!(has(&t, &[0x0c, 0xff, 0xff, 0x04, 0x00]));
+        assert_eq!(
+            (0..4).map(|p| pci_intx_gsi(4, p)).collect::<Vec<_>>(),
+            vec![20, 21, 22, 23]
+        );
+        assert_eq!(pci_intx_gsi(31, 3), 18);
     }
 
     #[test]

@@ -28,7 +28,7 @@ mod mem;
 pub mod multiboot;
 pub mod pvh;
 
-pub use acpi::{build_acpi, AcpiConfig};
+pub use acpi::{build_acpi, pci_intx_gsi, AcpiConfig};
 pub use entry::{
     regs, CpuMode, EntryState, Segment, CODE32_SELECTOR, CODE64_SELECTOR, DATA_SELECTOR,
     GDT_ENTRIES, GDT_LIMIT, TSS_SELECTOR,

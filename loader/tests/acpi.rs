@@ -710,6 +710,7 @@ fn acpica_accepts_the_tables() {
     let cfg = AcpiConfig {
         com2: true,
         i8042: true,
+        pci_slots: (1 << 3) | (1 << 4),
         ..AcpiConfig::new(4)
     };
     let (mem, rsdp) = built(&cfg);

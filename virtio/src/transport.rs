@@ -419,6 +419,11 @@ impl VirtioPciDevice {
         self.pci.set_bar_address(bar, addr)
     }
 
+    /// Writes the interrupt line register (the platform's INTx wiring, as firmware reports it).
+    pub fn set_interrupt_line(&mut self, line: u8) {
+        self.pci.set_interrupt_line(line);
+    }
+
     /// Where the BARs decode now.
     pub fn bar_mappings(&self) -> Vec<BarMapping> {
         self.pci.bar_mappings()

@@ -164,20 +164,19 @@ impl IntxPin {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Applies `f` and drives the line if its level changed. The line is driven with the pin's
+    /// lock held, so a raiser (the worker) and the ISR read (the register side) cannot reach the
+    /// line in the opposite order of their state changes; the line must not call back into the
+    /// pin.
     fn update(&self, f: impl FnOnce(&mut PinState)) {
-        let drive = {
-            let mut s = self.lock();
-            f(&mut s);
-            let want = s.requested && !s.disabled;
-            if want == s.driven {
-                None
-            } else {
-                s.driven = want;
-                Some(want)
+        let mut s = self.lock();
+        f(&mut s);
+        let want = s.requested && !s.disabled;
+        if want != s.driven {
+            s.driven = want;
+            if let Some(line) = &self.line {
+                line.set_level(want);
             }
-        };
-        if let (Some(level), Some(line)) = (drive, &self.line) {
-            line.set_level(level);
         }
     }
 
@@ -440,6 +439,12 @@ impl PciFunction {
     /// The interrupt line register (what the guest, or firmware, wrote).
     pub fn interrupt_line(&self) -> u8 {
         self.header.get8(reg::INTERRUPT_LINE)
+    }
+
+    /// The platform writes the interrupt line register, as firmware does: the I/O APIC input
+    /// (or ISA IRQ) its INTx pin is wired to, for guests that do not read the ACPI routing.
+    pub fn set_interrupt_line(&mut self, line: u8) {
+        self.header.set8(reg::INTERRUPT_LINE, line);
     }
 
     /// Where every BAR decodes now.
