@@ -444,14 +444,24 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     if let Some(b) = &cfg.com2 {
         add_uart(&mut devices, "com2", COM2_BASE, b, pc.isa_line(COM2_IRQ))?;
     }
-    let pci_models = crate::pci::add_devices(
+    // Platform MMIO inside the PCI window that BARs must not take.
+    let reserved: Vec<(u64, u64)> = if cfg.test_devices {
+        vec![(SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN)]
+    } else {
+        Vec::new()
+    };
+    let intx = crate::pci::IntxLines::new(pc.clone());
+    let pci = crate::pci::add_devices(
         &cfg.name,
         &cfg.pci,
         &machine,
         &mut devices,
-        &extra,
-        &gsi_routes,
-        &crate::pci::IntxLines::new(pc.clone()),
+        &crate::pci::PlatformWiring {
+            extra: &extra,
+            routes: &gsi_routes,
+            intx: &intx,
+            reserved: &reserved,
+        },
     )
     .map_err(VmError::Device)?;
     if cfg.test_devices {
@@ -614,7 +624,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     let _ = std::io::stdout().flush();
     if cfg.print_stats {
         print_stats(&outcome, requests.boot_done(), &names);
-        print_pci_stats(&pci_models, &gsi_routes);
+        print_pci_stats(&pci, &gsi_routes);
     }
     for p in &outcome.stop_problems {
         eprintln!("bhyve: {p}");
@@ -711,7 +721,8 @@ fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>, names: &[
 }
 
 /// The device models' counters (after the devices' exits), for `stats.print`.
-fn print_pci_stats(models: &[crate::pci::PciModel], routes: &vcpu_runner::GsiRoutes) {
+fn print_pci_stats(pci: &crate::pci::PciSetup, routes: &vcpu_runner::GsiRoutes) {
+    let models = &pci.models;
     if models.is_empty() {
         return;
     }
@@ -724,6 +735,10 @@ fn print_pci_stats(models: &[crate::pci::PciModel], routes: &vcpu_runner::GsiRou
             ("MSI-X messages by KVM_SIGNAL_MSI", get(&m.msi.signal_msi)),
             ("MSI-X route updates", get(&m.msi.route_updates)),
             ("MSI-X delivery failures", get(&m.msi.failures)),
+            (
+                "virtio notifies by register write (not ioeventfd)",
+                get(&m.virtio.notifies),
+            ),
             ("virtio chains completed", get(&m.virtio.chains)),
             ("virtio queue interrupts", get(&m.virtio.queue_interrupts)),
         ];
@@ -737,4 +752,16 @@ fn print_pci_stats(models: &[crate::pci::PciModel], routes: &vcpu_runner::GsiRou
         "GSI routing tables installed",
         get(&routes.stats.installs)
     );
+    if let Some(m) = &pci.mmio {
+        let rows = [
+            ("BAR placements followed", get(&m.stats.moves)),
+            ("BAR placements refused", get(&m.stats.refused)),
+            ("accesses no BAR decodes", get(&m.stats.unclaimed)),
+            ("notify ioeventfds bound", get(&m.stats.binds)),
+            ("notify ioeventfds unbound", get(&m.stats.unbinds)),
+        ];
+        for (what, v) in rows {
+            let _ = writeln!(err, "  {what:<58} {v}");
+        }
+    }
 }

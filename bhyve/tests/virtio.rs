@@ -458,6 +458,51 @@ fn virtio_rng_without_msix_interrupts_through_intx_on_the_io_apic_input_the_prt_
     );
 }
 
+#[test]
+fn virtio_rng_bar_moved_by_the_guest_is_followed_with_its_notify() {
+    let dir = work_dir("movebar");
+    for msix in [0, 1] {
+        let mut args = dev("3,virtio-rnd");
+        args.extend(["-o".to_string(), "stats.print=true".to_string()]);
+        let to = 0xc800_0000u64;
+        let o = run(
+            &dir,
+            "virtio_rng",
+            &format!("msix={msix} movebar={to}"),
+            &args,
+        );
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(guests::STATUS_OK), "{out}");
+        assert!(
+            out.contains(&format!(
+                "virtio_rng: BAR0 moved from {:#018x} to {to:#018x}",
+                bar0(3, 0)
+            )),
+            "{out}"
+        );
+        assert!(out.contains(
+            "virtio_rng: BAR0 moved: the old address reads all-ones, a request at the new one completed"
+        ));
+        let err = stderr(&o);
+        // Decode on at the platform's place, then the move; the notify eventfd followed (bound
+        // twice, unbound once); nothing refused.
+        assert_eq!(counter(&err, "BAR placements followed"), Some(2), "{err}");
+        assert_eq!(counter(&err, "BAR placements refused"), Some(0));
+        assert_eq!(counter(&err, "notify ioeventfds bound"), Some(2));
+        assert_eq!(counter(&err, "notify ioeventfds unbound"), Some(1));
+        // The notify after the move went through the eventfd at the new address: no notify
+        // reached the device's register path.
+        assert_eq!(
+            counter(&err, "3.0 virtio-rnd virtio chains completed"),
+            Some(3)
+        );
+        assert_eq!(
+            counter(&err, "3.0 virtio-rnd virtio notifies by register write"),
+            Some(0)
+        );
+    }
+}
+
 /// Connects to the console socket `child` listens on (it appears once the device is created).
 fn connect(child: &mut Option<Child>, path: &Path) -> UnixStream {
     let start = Instant::now();

@@ -12,7 +12,11 @@
 // platform wired it to) registers, routes that input to vector 0x70 (level, active low), makes two
 // requests and waits for an INTx interrupt after each; the interrupt handler reads the ISR (which
 // deasserts the line), so exactly two arrive. Prints "virtio_rng: INTx: ...".
-// Parameters: slot=, msix=, pmport= (virtio.inc), maskpba=, churn=, intx=.
+// movebar=ADDR: then moves BAR 0 to ADDR (a 32 KiB aligned address in the PCI window, written
+// with memory decode on, as an OS reassigning it does), checks the old address no longer decodes
+// (reads all-ones), follows every structure to the new place and makes one more request there
+// (its notify through the new address). Prints "virtio_rng: BAR0 moved ...".
+// Parameters: slot=, msix=, pmport= (virtio.inc), maskpba=, churn=, intx=, movebar=.
 #define RING0_HOOK mov al, 0xff ; out 0x21, al ; out 0xa1, al ; jmp irq_enter_user
 // The INTx handler's part (vector 0x70): read the ISR, as a driver does, which deasserts the line.
 #define IRQ_HOOK cmp eax, 0x70 ; jne 71f ; mov rax, [rip + vio_isr] ; mov al, [rax] ; or [rip + intx_isr], al ; 71:
@@ -99,8 +103,78 @@ user_main:
     test    rax, rax
     jz      4f
     call    intx_check
-4:  mov     edi, EXIT_OK
+4:  lea     rdi, [rip + key_movebar]
+    xor     esi, esi
+    call    arg_u64
+    test    rax, rax
+    jz      5f
+    mov     rdi, rax
+    call    move_bar
+5:  mov     edi, EXIT_OK
     jmp     guest_exit
+
+// move_bar: rdi = BAR 0's new address. The movebar= check.
+move_bar:
+    push    rbx
+    push    r12
+    mov     rbx, rdi
+    mov     r12, [rip + vio_bar0]       // old
+    mov     edi, 0x14                   // high dword first, then low (decode stays on)
+    call    vio_cfg_sel
+    mov     rax, rbx
+    shr     rax, 32
+    mov     dx, PCI_CONF_DATA
+    out     dx, eax
+    mov     edi, 0x10
+    call    vio_cfg_sel
+    mov     eax, ebx
+    mov     dx, PCI_CONF_DATA
+    out     dx, eax
+    xor     edi, edi
+    call    vio_bar_addr
+    cmp     rax, rbx
+    jne     91f
+    lea     rsi, [rip + msg_moved1]
+    call    puts
+    mov     rax, r12
+    call    puthex
+    lea     rsi, [rip + msg_moved2]
+    call    puts
+    mov     rax, rbx
+    call    puthex
+    call    putnl
+    // The old place decodes nothing now.
+    mov     rax, [rip + vio_common]
+    mov     eax, [rax]
+    cmp     eax, 0xffffffff
+    jne     92f
+    // Every structure moves with the BAR.
+    mov     rax, rbx
+    sub     rax, r12
+    add     [rip + vio_bar0], rax
+    add     [rip + vio_common], rax
+    add     [rip + vio_notify], rax
+    add     [rip + vio_isr], rax
+    add     [rip + vio_devcfg], rax
+    add     [rip + vio_msix_table], rax
+    add     [rip + vio_q0 + VQ_NOTIFY], rax
+    mov     rax, [rip + vio_common]     // the device is there: DRIVER_OK still set
+    movzx   eax, byte ptr [rax + VC_STATUS]
+    test    eax, VS_DRIVER_OK
+    jz      93f
+    lea     rbx, [rip + rng_buf2]
+    call    rng_get
+    lea     rsi, [rip + msg_moved3]
+    call    puts
+    pop     r12
+    pop     rbx
+    ret
+91: lea     rsi, [rip + msg_move_readback]
+    jmp     fail
+92: lea     rsi, [rip + msg_move_old]
+    jmp     fail
+93: lea     rsi, [rip + msg_move_new]
+    jmp     fail
 
 .set INTX_VEC, 0x70
 
@@ -127,16 +201,21 @@ intx_check:
     mov     eax, ebx
     call    putdec
     call    putnl
-    // The earlier requests left the line asserted (the input was masked): read the ISR first.
+    // The earlier requests left the line asserted (the input was masked): let the device finish
+    // raising it, then read the ISR (which deasserts it).
+    mov     edi, 20
+    call    vio_delay_ms
     mov     rax, [rip + vio_isr]
     mov     al, [rax]
-    mov     byte ptr [rip + intx_isr], 0
     call    lapic_id
     shl     eax, 24
     mov     edx, eax
     mov     edi, ebx
     mov     esi, INTX_VEC | RTE_LEVEL | 0x2000   // level, active low, fixed, physical
     call    ioapic_rte
+    mov     edi, 20                     // nothing may be left to arrive now
+    call    vio_delay_ms
+    mov     byte ptr [rip + intx_isr], 0
     mov     edi, INTX_VEC
     call    irq_count
     mov     r12, rax                    // interrupts before
@@ -434,6 +513,13 @@ msg_same:   .asciz "two requests returned the same bytes"
 key_maskpba: .asciz "maskpba="
 key_churn:  .asciz "churn="
 key_intx:   .asciz "intx="
+key_movebar: .asciz "movebar="
+msg_moved1: .asciz "virtio_rng: BAR0 moved from "
+msg_moved2: .asciz " to "
+msg_moved3: .asciz "virtio_rng: BAR0 moved: the old address reads all-ones, a request at the new one completed\n"
+msg_move_readback: .asciz "BAR 0 does not read back the address written"
+msg_move_old: .asciz "the old BAR 0 address still decodes"
+msg_move_new: .asciz "the device does not answer at the new BAR 0 address"
 msg_intx1:  .asciz "virtio_rng: INTx: pin INTA, line "
 msg_intx2:  .asciz "virtio_rng: INTx: 2 interrupts on vector 0x70, ISR bits seen by the handler "
 msg_intx_msix: .asciz "intx=1 needs msix=0"

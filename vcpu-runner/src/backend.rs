@@ -290,6 +290,12 @@ pub trait Vm: Send + Sync {
         addr: u64,
         fd: &vmm_sys_util::eventfd::EventFd,
     ) -> Result<(), BackendError>;
+    /// Undoes [`Vm::register_ioeventfd`] (a BAR the guest moved or stopped decoding).
+    fn unregister_ioeventfd(
+        &self,
+        addr: u64,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), BackendError>;
 }
 
 /// One vCPU. Must be run on one thread (the pinned vCPU thread).

@@ -173,6 +173,20 @@ impl Vm for KvmVm {
             .map_err(|e| BackendError::ioctl("KVM_IOEVENTFD", e))
     }
 
+    fn unregister_ioeventfd(
+        &self,
+        addr: u64,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), BackendError> {
+        self.vm
+            .unregister_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| BackendError::ioctl("KVM_IOEVENTFD(DEASSIGN)", e))
+    }
+
     fn register_irqfd(
         &self,
         fd: &vmm_sys_util::eventfd::EventFd,

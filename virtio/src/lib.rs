@@ -2,7 +2,7 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`pci`] | a type-0 PCI function: configuration space with capabilities, BARs (sizing, platform placement, relocation reported), MSI-X table and PBA, INTx |
+//! | [`pci`] | a type-0 PCI function: configuration space with capabilities, BARs (sizing, platform placement, relocation reported for the platform to follow), MSI-X table and PBA, INTx |
 //! | [`transport`] | virtio-over-PCI: common/notify/ISR/device capabilities in BAR 0, feature negotiation, the status state machine, queue setup; [`transport::VirtioPciDevice`] implements the colleague's `PciConfigSpace`, [`transport::BarRegion`] is the BAR as a `stages::BusDevice` |
 //! | [`device`] | the [`device::VirtioDevice`] / [`device::QueueHandler`] split and the interrupt [`device::Signals`] |
 //! | [`queue`] | checked descriptor chains over rust-vmm `virtio-queue` |

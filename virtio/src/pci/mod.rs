@@ -11,9 +11,9 @@
 //!   assigns BARs). A guest may still reprogram a BAR, exactly as hardware allows; every change of
 //!   where a BAR decodes (address or the command register's I/O / memory enable) is recorded as a
 //!   [`BarChange`], read with [`PciFunction::take_bar_changes`], and the current state is always
-//!   available from [`PciFunction::bar_mappings`]. Our bus registers ranges once, up front, so
-//!   today the platform keeps each BAR at the address it chose and a guest that moves a BAR loses
-//!   the device (its accesses at the new address are unclaimed) until the bus can move ranges.
+//!   available from [`PciFunction::bar_mappings`]. The platform follows them (bhyve:
+//!   `bhyve/src/pci.rs` `PciMmio` decodes its PCI window by the current mappings and moves the
+//!   notify ioeventfds).
 //! * **Capabilities** from 0x40 on, linked in the order they were added; status bit 4 is set when
 //!   the list is not empty.
 //! * **MSI-X** ([`msix`]): the capability's control word (enable, function mask) is writable; the
