@@ -227,7 +227,14 @@ impl Block {
         no_delete: bool,
         serial: &str,
     ) -> std::io::Result<Self> {
-        let len = file.metadata()?.len();
+        // The end of the file: its length, or a block device's size (whose metadata says 0).
+        let len = {
+            use std::io::Seek;
+            let mut f = &file;
+            let end = f.seek(std::io::SeekFrom::End(0))?;
+            f.seek(std::io::SeekFrom::Start(0))?;
+            end
+        };
         let mut id = [0u8; ID_LEN];
         for (d, s) in id.iter_mut().zip(serial.bytes()) {
             *d = s;
