@@ -619,7 +619,9 @@ impl Pool {
 ///
 /// The worker pops and decodes chains; with I/O threads ([`Block::set_io_threads`]) transfers
 /// larger than [`INLINE_MAX`] (and discards) go to the threads, so several are in flight, while
-/// small ones run on the worker at once (a hand-off would cost more than the copy). Results come back through an eventfd
+/// small ones run on the worker at once (a hand-off would cost more than the copy). A large
+/// request that turns out to be alone (nothing in flight, nothing behind it in the ring) runs on
+/// the worker too: at queue depth 1 a hand-off only adds latency. Results come back through an eventfd
 /// the worker waits on ([`QueueHandler::wait_fds`]); completions go to the used ring in the order
 /// they finish. At most [`MAX_IN_FLIGHT`] requests are in flight; past that the worker stops
 /// popping until some complete. A FLUSH is a barrier: it runs once every request popped before it
@@ -861,7 +863,11 @@ impl BlockHandler {
                 used = true;
             }
         }
-        while self.barrier.is_none() && self.in_flight < MAX_IN_FLIGHT {
+        // A large request arriving while nothing is in flight is held: if it stays alone (queue
+        // depth 1) it runs here, without a hand-off; if another follows, both go to the threads.
+        let mut held: Option<Job> = None;
+        while self.barrier.is_none() && self.in_flight + usize::from(held.is_some()) < MAX_IN_FLIGHT
+        {
             let Some(chain) = ctx.pop(q)? else {
                 break;
             };
@@ -876,8 +882,22 @@ impl BlockHandler {
                     self.complete(q, d, ctx)?;
                     used = true;
                 }
-                Prepared::Io(job) => used |= self.submit(q, job, ctx)?,
+                Prepared::Io(job) => {
+                    if let Some(first) = held.take() {
+                        used |= self.submit(q, first, ctx)?;
+                    }
+                    if self.in_flight == 0 && self.pool.is_some() {
+                        held = Some(job);
+                    } else {
+                        used |= self.submit(q, job, ctx)?;
+                    }
+                }
                 Prepared::Flush(job) => {
+                    if let Some(first) = held.take() {
+                        let d = execute(first, &self.file, ctx.mem);
+                        self.complete(q, d, ctx)?;
+                        used = true;
+                    }
                     if self.in_flight == 0 {
                         let d = execute(job, &self.file, ctx.mem);
                         self.complete(q, d, ctx)?;
@@ -887,6 +907,11 @@ impl BlockHandler {
                     }
                 }
             }
+        }
+        if let Some(job) = held {
+            let d = execute(job, &self.file, ctx.mem);
+            self.complete(q, d, ctx)?;
+            used = true;
         }
         Ok(used)
     }

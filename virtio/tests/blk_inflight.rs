@@ -160,6 +160,31 @@ fn writes_run_in_parallel_complete_out_of_order_and_a_flush_waits_for_them() {
 }
 
 #[test]
+fn a_lone_large_request_runs_on_the_worker_without_a_hand_off() {
+    let (f, path) = image(1 << 20);
+    let (h, mut d) = device(f, 4);
+    for i in 0..3u64 {
+        d.mem
+            .write_slice(&pattern(i, SLOT as usize), GuestAddress(data(0)))
+            .unwrap();
+        push(&mut d, 0, blk::req::OUT, i * STRIDE, SLOT as u32);
+        d.notify(0);
+        d.wait_used(0, T).unwrap();
+        assert_eq!(
+            d.mem.read_obj::<u8>(GuestAddress(status(0))).unwrap(),
+            blk::status::OK
+        );
+    }
+    // Queue depth 1: nothing ever went to the threads.
+    let s = h.lock().stats().clone();
+    assert_eq!(s.in_flight_high.load(Ordering::Relaxed), 0);
+    assert_eq!(s.bytes_from_guest.load(Ordering::Relaxed), 3 * SLOT);
+    drop(d);
+    drop(h);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn a_guest_republishing_one_head_cannot_exceed_the_in_flight_bound() {
     let (f, path) = image(4 << 20);
     f.write_all_at(&vec![0x5a; 4 << 20], 0).unwrap();
