@@ -20,8 +20,8 @@
 //!   table and PBA are served through [`PciFunction::bar_read`]/[`PciFunction::bar_write`] when an
 //!   access falls in their window.
 //! * **INTx** ([`IntxPin`]): interrupt pin INTA, interrupt line writable; the device raises a level
-//!   through the shared pin, the command register's INTx-disable bit gates it, status bit 3 shows
-//!   it.
+//!   through the shared pin, the command register's INTx-disable bit and an enabled MSI-X gate
+//!   it, status bit 3 shows it.
 
 pub mod msix;
 
@@ -614,15 +614,20 @@ impl PciFunction {
                     .write(off + u16::try_from(k).unwrap_or(0), &[*b]);
             }
         }
-        if off == u16::from(reg::COMMAND) {
-            self.intx
-                .set_disabled(self.command() & CMD_INTX_DISABLE != 0);
-        }
+        let mut gate = off == u16::from(reg::COMMAND);
         if let Some((m, l)) = &self.msix {
             if off == u16::from(l.cap) {
                 let ctl = self.header.get16(l.cap.wrapping_add(2));
                 m.set_control(ctl & 0x8000 != 0, ctl & 0x4000 != 0);
+                gate = true;
             }
+        }
+        if gate {
+            // INTx is off while the command register disables it or MSI-X is enabled (a function
+            // with MSI-X enabled must not use its INTx pin, PCI 3.0 §6.8.2).
+            let msix_on = self.msix.as_ref().is_some_and(|(m, _)| m.enabled());
+            self.intx
+                .set_disabled(self.command() & CMD_INTX_DISABLE != 0 || msix_on);
         }
     }
 
@@ -892,7 +897,16 @@ mod tests {
         f.config_write(0x3c, &[11]);
         assert_eq!(f.interrupt_line(), 11);
         pin.set_requested(true);
-        assert!(line.0.load(Ordering::SeqCst));
+        assert!(
+            !line.0.load(Ordering::SeqCst),
+            "no INTx while MSI-X is enabled"
+        );
+        f.config_write(0x47, &[0]);
+        assert!(!msix.enabled());
+        assert!(
+            line.0.load(Ordering::SeqCst),
+            "MSI-X off: the request drives the line"
+        );
         assert_eq!(rd(&f, 0x04) >> 16 & 0x8, 0x8);
         wr(&mut f, 0x04, 1 << 10);
         assert!(!line.0.load(Ordering::SeqCst), "INTx disabled");
