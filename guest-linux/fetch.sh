@@ -15,8 +15,9 @@
 #   GUEST_INITRD=…/initramfs.cpio    the initramfs
 #   GUEST_INITRD_VIRTIO=…/initramfs-virtio.cpio
 #                                    the same plus the kernel's virtio modules (virtio_pci,
-#                                    virtio_blk, virtio_net and what they need; the cloud
-#                                    kernel has them as modules), loaded by /init's "modules"
+#                                    virtio_blk, virtio_net and what they need, and ext4
+#                                    where it is a module: the generic kernel), loaded by
+#                                    /init's "modules"
 #   GUEST_ROOTFS_TREE=…/rootfs       a root file system tree (static busybox, /sbin/init = the
 #                                    same guest-linux/init) for "mke2fs -t ext4 -d TREE IMAGE"
 #   GUEST_KERNEL_PACKAGE=NAME=VERSION, GUEST_BUSYBOX_PACKAGE=NAME=VERSION
@@ -46,11 +47,12 @@ case $flavour in
     *) rig_die "$RIG_EX_USAGE" usage "--flavour must be cloud or generic" ;;
 esac
 
+PATH=$PATH:/usr/sbin:/sbin
+command -v depmod >/dev/null || rig_die "$RIG_EX_DOWNLOAD" download "'depmod' is missing (apt-get install kmod): the virtio modules' load order comes from modules.dep"
 for tool in apt-get apt-cache dpkg-deb cpio sha256sum; do
     command -v "$tool" >/dev/null || rig_die "$RIG_EX_DOWNLOAD" download "'$tool' is missing (a Debian host is needed; apt-get install cpio)"
 done
 
-PATH=$PATH:/usr/sbin:/sbin
 cache=$(rig_cache_root)
 kpkg=$(rig_deb_resolve_dep "$meta" linux-image-6)
 kver=$(rig_deb_candidate "$kpkg")
@@ -64,10 +66,14 @@ vmlinuz=$kdir/boot/vmlinuz-$kname
 
 # The virtio drivers /init's "modules" action loads (GUEST_INITRD_VIRTIO), with what they
 # need, in load order.
-virtio_modules="kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko kernel/drivers/net/virtio_net.ko"
+# ext4 only where it is a module (the generic kernel; the cloud kernel has it built in), with
+# crc32c (a crypto soft dependency modules.dep does not list: metadata_csum needs it).
 moddir=$kdir/lib/modules/$kname
-# shellcheck disable=SC2086 # a list of module paths
-modorder=$(rig_module_order "$moddir" $virtio_modules) || exit $?
+virtio_modules=(kernel/drivers/virtio/virtio_pci.ko kernel/drivers/block/virtio_blk.ko kernel/drivers/net/virtio_net.ko)
+modorder=$(rig_module_order "$moddir" "${virtio_modules[@]}") || exit $?
+if grep -q '^kernel/fs/ext4/ext4.ko:' "$moddir/modules.dep"; then
+    modorder=$(rig_module_order "$moddir" "${virtio_modules[@]}" kernel/crypto/crc32c_generic.ko kernel/fs/ext4/ext4.ko) || exit $?
+fi
 
 key=$({ printf '%s\n' "$kpkg=$kver" "busybox-static=$bver" "$modorder"; cat "$here/init" "$here/../rig/lib/common.sh"; } | rig_hash)
 out=$cache/guest-linux/$key
