@@ -6,7 +6,8 @@
 #
 # Steps, each timed and reported PASS / FAIL / SKIP:
 #   host-tools   apt-get install what is missing: qemu-system-x86 (the outer VM), cpio,
-#                kmod (depmod), lz4 (the ELF vmlinux inside the bzImage); needs root then
+#                kmod (depmod), lz4 (the ELF vmlinux inside the bzImage), e2fsprogs (the
+#                guest's ext4 root image: mke2fs -d, e2fsck, debugfs); needs root then
 #   build        our bhyve, statically linked (L1 has no libc):
 #                RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=target/static
 #                cargo build --release --target x86_64-unknown-linux-gnu -p bhyve
@@ -14,9 +15,12 @@
 #   rig          rig/run.sh --bhyve: bzImage with 1 and 2 vCPUs, quiet and not, power-off
 #                (status 1) and reboot (status 0), the ELF vmlinux through PVH, the guest's
 #                own dmesg (our 16550A, I/O APIC, clocksource, RTC, ACPI S5; no unexpected
-#                warning), hostile inputs (status 4 and a reason), L1's log
-#   selftest     rig/test/selftest.sh bhyve-marker-missing: the same rig must FAIL
-#                (marker-missing) when the guest cannot reach its init
+#                warning), root file system on virtio-blk (ext4 mounted rw, a file written
+#                and synced, its bytes found in the image on the host), pings both ways over
+#                virtio-net and a tap, hostile inputs (status 4 and a reason), L1's log
+#   selftest     rig/test/selftest.sh bhyve-marker-missing bhyve-rootfs-stale: the same rig
+#                must FAIL (marker-missing) when the guest cannot reach its init, and
+#                (rootfs-image) when the image does not hold what this run's guest should write
 #   compare      only with --compare (or RIG_CI_COMPARE=1): ours and QEMU -M pc / -M microvm
 #                side by side (figures, not a pass/fail bar; a run that breaks fails it)
 #
@@ -93,6 +97,7 @@ host_tools() {
     command -v cpio >/dev/null || missing+=(cpio)
     command -v depmod >/dev/null || [[ -x /usr/sbin/depmod || -x /sbin/depmod ]] || missing+=(kmod)
     command -v lz4 >/dev/null || missing+=(lz4)
+    command -v mke2fs >/dev/null || [[ -x /usr/sbin/mke2fs || -x /sbin/mke2fs ]] || missing+=(e2fsprogs)
     for t in apt-get apt-cache dpkg-deb; do
         command -v "$t" >/dev/null || { echo "run-ci: $t is missing: the rig needs a Debian host"; return 1; }
     done
@@ -122,6 +127,7 @@ build() {
 show_results() { # RESULTS-FILE
     [[ -f $1 ]] || return 0
     grep -E '[.](exit|marker|guest_cpus|acpi_s5_poweroff|message|start_to_marker_s)=|[.]dmesg_|^l1[.]dmesg=|^rig[.]' "$1" || true
+    grep -E '^bhyve_c1[.]rootfs[.](root|write|host_[a-z]+)=|^bhyve_c1[.]net[.](guest_net|guest_ping_[0-9]+|l1_ping|guest_pinged_by_l1)=' "$1" || true
 }
 
 # The outer VM (QEMU TCG emulating SVM) occasionally stops for good with no output: TCG spins
@@ -155,9 +161,11 @@ rig() {
 
 selftest_marker_missing() {
     local rc=0
-    RIG_SELFTEST_KEEP=$out/selftest rig/test/selftest.sh --bhyve "$bhyve" bhyve-marker-missing || rc=$?
+    RIG_SELFTEST_KEEP=$out/selftest rig/test/selftest.sh --bhyve "$bhyve" bhyve-marker-missing bhyve-rootfs-stale || rc=$?
     echo "--- what the rig said when the guest could not reach its marker ($out/selftest/bhyve-marker-missing.err):"
     cat "$out/selftest/bhyve-marker-missing.err" 2>/dev/null || echo "(none)"
+    echo "--- what the rig said when the guest wrote a stale file ($out/selftest/bhyve-rootfs-stale.err):"
+    grep 'FAILED step=' "$out/selftest/bhyve-rootfs-stale.err" 2>/dev/null || echo "(none)"
     return "$rc"
 }
 
