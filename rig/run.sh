@@ -9,7 +9,8 @@
 #                                            inside L1: start-to-marker, total time, exits
 #   rig/run.sh --bhyve PATH [OPTIONS]        our static bhyve boots the test guest inside
 #                                            L1: 1 and 2 vCPUs, quiet and not quiet, PVH,
-#                                            the guest's dmesg, hostile inputs
+#                                            the guest's dmesg, root file system on
+#                                            virtio-blk, pings over virtio-net, hostile inputs
 #   rig/run.sh --compare PATH [OPTIONS]      our bhyve and QEMU (-M pc, -M microvm) side by
 #                                            side in one L1: start-to-marker, exits
 #   rig/run.sh --payload DIR [OPTIONS]       any payload: DIR/run.sh runs in L1 (busybox sh)
@@ -20,7 +21,7 @@
 #                        --compare the VMMs, in order (default "bhyve pc microvm";
 #                        bhyve-pvh = ours booting the ELF vmlinux through PVH)
 #   --cases "LIST"       --bhyve: which checks to run (default all: c1.quiet c1.verbose
-#                        c2.quiet c2.verbose c1.reboot c1.pvh hostile l1.dmesg)
+#                        c2.quiet c2.verbose c1.reboot c1.pvh c1.rootfs c1.net hostile l1.dmesg)
 #   --no-count-exits     --peer, --compare: skip the extra run that counts exits
 #   --profile            --compare: two more runs per VMM: a timeline from L1's
 #                        trace buffer, and initcall_debug with our exit trace
@@ -49,6 +50,9 @@
 # (KEY=VALUE, one per RIG-RESULT line, plus rig.* lines), consoles/NAME.log
 # (each inner VM's console). The results also go to stdout.
 #
+# --bhyve with c1.rootfs also writes rootfs.img (the guest's ext4 root, L1's /dev/vda) to
+# --out DIR and checks it after the outer VM stops (step rootfs-image).
+#
 # Exit status: the payload's (0 = all passed), or the rig's own:
 #   2 usage, 10 host tools, 11 download, 12 initramfs build,
 #   20 L1 did not boot to its init, 21 module load, 22 /dev/kvm missing,
@@ -73,7 +77,8 @@ machines=
 count_exits=1
 profile=0
 variants=()
-cases="c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh hostile l1.dmesg"
+all_cases="c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh c1.rootfs c1.net hostile l1.dmesg"
+cases=$all_cases
 guest_append=
 guest_timeout=
 with_qemu=0
@@ -126,7 +131,7 @@ if [[ -z $machines ]]; then
     if [[ $mode == compare ]]; then machines="bhyve pc microvm"; else machines="pc microvm"; fi
 fi
 for c in $cases; do
-    [[ " c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh hostile l1.dmesg " == *" $c "* ]] ||
+    [[ " $all_cases " == *" $c "* ]] ||
         rig_die "$RIG_EX_USAGE" usage "--cases: unknown case '$c' (see --help)"
 done
 variant_names=" "
@@ -150,7 +155,7 @@ fi
 if [[ -z $outer_timeout ]]; then
     case $mode in
         peer) outer_timeout=$(($(wc -w <<<"$machines") * (runs + count_exits) * (guest_timeout + 10) + 180)) ;;
-        bhyve) outer_timeout=$((6 * (guest_timeout + 10) + 4 * 40 + 180)) ;;
+        bhyve) outer_timeout=$((8 * (guest_timeout + 10) + 4 * 40 + 180)) ;;
         compare) outer_timeout=$(($(wc -w <<<"$machines") * (1 + runs + count_exits + 2 * profile) * (guest_timeout + 10) + 180)) ;;
         *) outer_timeout=1200 ;;
     esac
@@ -185,6 +190,15 @@ command -v cpio >/dev/null || missing+=(cpio)
 command -v depmod >/dev/null || [[ -x /usr/sbin/depmod ]] || [[ -x /sbin/depmod ]] || missing+=(kmod)
 # lz4: guest-linux/fetch.sh decompresses the ELF vmlinux (for PVH) out of the bzImage.
 command -v lz4 >/dev/null || missing+=(lz4)
+# e2fsprogs: the --bhyve rootfs case makes its ext4 image (mke2fs -d) and reads it back
+# (e2fsck, debugfs).
+rootfs=0
+[[ $mode == bhyve && " $cases " == *" c1.rootfs "* ]] && rootfs=1
+if [[ $rootfs == 1 ]]; then
+    for t in mke2fs e2fsck debugfs; do
+        command -v $t >/dev/null || [[ -x /usr/sbin/$t || -x /sbin/$t ]] || { missing+=(e2fsprogs); break; }
+    done
+fi
 if ((${#missing[@]})); then
     [[ $(id -u) == 0 ]] || rig_die "$RIG_EX_HOST_TOOLS" host-tools "missing ${missing[*]}: run 'apt-get install ${missing[*]}' as root"
     rig_log "installing host tools: ${missing[*]}"
@@ -204,26 +218,12 @@ kver=${l1_pkg#linux-image-}
 l1_kernel=$l1_dir/boot/vmlinuz-$kver
 [[ -f $l1_kernel ]] || rig_die "$RIG_EX_DOWNLOAD" download "$l1_pkg has no boot/vmlinuz-$kver"
 moddir=$l1_dir/lib/modules/$kver
-if [[ ! -f $moddir/modules.dep ]]; then
-    rig_log "depmod for $kver"
-    depmod -b "$l1_dir" "$kver" || rig_die "$RIG_EX_BUILD" modules "depmod -b $l1_dir $kver failed"
-fi
-
-# Load order for kvm-amd from modules.dep: every module after the ones it needs.
-declare -A seen=()
-order=()
-add_module() {
-    local m=$1 deps d
-    [[ -n ${seen[$m]:-} ]] && return 0
-    seen[$m]=1
-    deps=$(awk -v m="$m" -F': *' '$1 == m {print $2; exit}' "$moddir/modules.dep")
-    if ! grep -q "^$m:" "$moddir/modules.dep"; then
-        rig_die "$RIG_EX_BUILD" modules "$m is not in $moddir/modules.dep"
-    fi
-    for d in $deps; do add_module "$d"; done
-    order+=("$m")
-}
-add_module kernel/arch/x86/kvm/kvm-amd.ko
+# Load order from modules.dep (every module after the ones it needs): kvm-amd; virtio-pci and
+# virtio-blk for the disk the --bhyve rootfs case gives L1 (the inner guest's root file system);
+# tun for the tap device of the virtio-net case.
+order_list=$(rig_module_order "$moddir" kernel/arch/x86/kvm/kvm-amd.ko kernel/drivers/virtio/virtio_pci.ko \
+    kernel/drivers/block/virtio_blk.ko kernel/drivers/net/tun.ko) || exit $?
+mapfile -t order <<<"$order_list"
 
 # --- (c) L1 base initramfs (cached) -----------------------------------------
 l1_key=$({ printf '%s\n' "$l1_pkg=$l1_ver" "busybox-static=$bb_ver" "${order[@]}"; cat "$here/l1/init" "$here/l1/harness.sh" "$here/lib/common.sh"; } | rig_hash)
@@ -297,10 +297,15 @@ if [[ $mode == peer || $mode == bhyve || $mode == compare ]]; then
     GUEST_KERNEL=$(sed -n 's/^GUEST_KERNEL=//p' <<<"$guest_env")
     GUEST_VMLINUX=$(sed -n 's/^GUEST_VMLINUX=//p' <<<"$guest_env")
     GUEST_INITRD=$(sed -n 's/^GUEST_INITRD=//p' <<<"$guest_env")
+    GUEST_INITRD_VIRTIO=$(sed -n 's/^GUEST_INITRD_VIRTIO=//p' <<<"$guest_env")
+    GUEST_ROOTFS_TREE=$(sed -n 's/^GUEST_ROOTFS_TREE=//p' <<<"$guest_env")
     guest_pkg=$(sed -n 's/^GUEST_KERNEL_PACKAGE=//p' <<<"$guest_env")
     mkdir -p "$stage/payload/guest"
     cp "$GUEST_KERNEL" "$stage/payload/guest/vmlinuz"
     cp "$GUEST_INITRD" "$stage/payload/guest/initramfs.cpio"
+    if [[ $mode == bhyve && (" $cases " == *" c1.rootfs "* || " $cases " == *" c1.net "*) ]]; then
+        cp "$GUEST_INITRD_VIRTIO" "$stage/payload/guest/initramfs-virtio.cpio"
+    fi
     if [[ $want_vmlinux == 1 ]]; then
         [[ -f $GUEST_VMLINUX ]] || rig_die "$RIG_EX_BUILD" vmlinux "guest-linux/fetch.sh gave no ELF vmlinux"
         cp "$GUEST_VMLINUX" "$stage/payload/guest/vmlinux"
@@ -354,6 +359,24 @@ prune "$rc_dir/l1" 3
 mkdir -p "$out/consoles"
 log=$out/console.log
 results=$out/results.txt
+# The inner guest's root file system (--bhyve, c1.rootfs): an ext4 image made here from
+# guest-linux/fetch.sh's tree plus a seed file of random bytes the guest reads back; L1 gets
+# it as its /dev/vda, our bhyve gives it to the guest, and it is checked here after L1 stops.
+drive=()
+rootfs_img=$out/rootfs.img
+if [[ $rootfs == 1 ]]; then
+    rstage=$out/.rootfs-tree
+    rm -rf "$rstage" "$rootfs_img"
+    cp -a "$GUEST_ROOTFS_TREE" "$rstage"
+    mkdir -p "$rstage/bhyvers"
+    head -c 196608 /dev/urandom >"$rstage/bhyvers/seed"
+    seed_sha=$(sha256sum <"$rstage/bhyvers/seed" | cut -d' ' -f1)
+    truncate -s 64M "$rootfs_img"
+    mke2fs -q -F -t ext4 -L bhyvers-root -d "$rstage" "$rootfs_img" >&2 ||
+        rig_die "$RIG_EX_BUILD" rootfs "mke2fs -t ext4 -d $rstage $rootfs_img failed"
+    rm -rf "$rstage"
+    drive=(-drive "file=$rootfs_img,format=raw,if=virtio")
+fi
 prep_s=$(($(date +%s) - started))
 rig_log "starting the outer VM (TCG, -cpu $l1_cpu, -smp $l1_smp, -m $l1_mem, limit ${outer_timeout}s); console: $log"
 # L1's boot-time 8254 check busy-waits and once failed on a loaded host (L1 panics "IO-APIC +
@@ -361,7 +384,7 @@ rig_log "starting the outer VM (TCG, -cpu $l1_cpu, -smp $l1_smp, -m $l1_mem, lim
 # during three of the four L1 hangs seen (rig/README.md), so the rig keeps the stock behaviour.
 qemu_cmd=(qemu-system-x86_64 -accel tcg -cpu "$l1_cpu" -smp "$l1_smp" -m "$l1_mem"
     -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot
-    -kernel "$l1_kernel" -initrd "$initrd"
+    -kernel "$l1_kernel" -initrd "$initrd" "${drive[@]}"
     -append "console=ttyS0 panic=-1 quiet${l1_append:+ $l1_append}")
 t0=$(date +%s.%N)
 set +e
@@ -447,6 +470,71 @@ if [[ -z $status ]]; then
         report_failure 20 l1-crash "the outer VM stopped (qemu status $qrc) without a RIG-EXIT line"
     fi
 fi
+# The guest's root file system, checked on the host: replay the journal the guest left (it
+# powered off after sync, without unmounting) on a copy, the file system must then be clean
+# (e2fsck -fn), and hold the file with this run's nonce and the random bytes the guest
+# reported; the guest must have read the seed file as the host wrote it.
+rootfs_host_check() {
+    local name=bhyve_c1.rootfs con nonce want got sum gsum seed copy rc
+    con=$out/consoles/$name.log
+    if [[ ! -f $con ]] || ! grep -q '^BHYVE-RS-WRITE ' "$con"; then
+        printf '%s.host_image=not checked: the guest reported no write\n' "$name" >>"$results"
+        return 0
+    fi
+    host_fail() { # STEP MESSAGE
+        fails+=${fails:+$'\n'}"RIG-FAIL step=$1 $name: $2"
+        [[ $status != 0 ]] || status=1
+    }
+    nonce=$(sed -n "s/^${name}[.]nonce=//p" "$results" | tail -n 1)
+    copy=$out/.rootfs-replayed.img
+    cp --sparse=always "$rootfs_img" "$copy"
+    if dumpe2fs -h "$rootfs_img" 2>/dev/null | grep -q '^Filesystem features:.*needs_recovery'; then
+        printf '%s.host_journal=needs recovery (mounted when the guest powered off): replayed on a copy\n' "$name" >>"$results"
+    else
+        printf '%s.host_journal=clean\n' "$name" >>"$results"
+    fi
+    rc=0
+    e2fsck -E journal_only -y "$copy" >"$out/rootfs-e2fsck.log" 2>&1 || rc=$?
+    if ((rc > 1)); then
+        printf '%s.host_fsck=journal replay failed (e2fsck status %s)\n' "$name" "$rc" >>"$results"
+        host_fail rootfs-image "e2fsck could not replay the journal of $rootfs_img (status $rc; $out/rootfs-e2fsck.log)"
+        rm -f "$copy"
+        return 0
+    fi
+    rc=0
+    e2fsck -fn "$copy" >>"$out/rootfs-e2fsck.log" 2>&1 || rc=$?
+    if ((rc == 0)); then
+        printf '%s.host_fsck=clean\n' "$name" >>"$results"
+    else
+        printf '%s.host_fsck=errors (e2fsck -fn status %s)\n' "$name" "$rc" >>"$results"
+        host_fail rootfs-image "e2fsck -fn finds errors in the guest's file system (status $rc; $out/rootfs-e2fsck.log)"
+    fi
+    want="BHYVE-RS-WRITTEN nonce=$nonce"
+    got=$(debugfs -R 'cat /bhyvers/written.txt' "$copy" 2>/dev/null || true)
+    if [[ $got == "$want" ]]; then
+        printf '%s.host_written=ok: %s\n' "$name" "$got" >>"$results"
+    else
+        printf '%s.host_written=wrong: %s\n' "$name" "${got:-missing}" >>"$results"
+        host_fail rootfs-image "/bhyvers/written.txt in $rootfs_img holds '${got:-nothing}', not '$want'"
+    fi
+    gsum=$(sed -n 's/^BHYVE-RS-WRITE .*random_sha256=\([0-9a-f]*\).*/\1/p' "$con" | head -n 1)
+    sum=$({ debugfs -R 'cat /bhyvers/random.bin' "$copy" 2>/dev/null || true; } | sha256sum | cut -d' ' -f1)
+    if [[ -n $gsum && $sum == "$gsum" ]]; then
+        printf '%s.host_random=ok: sha256 %s as the guest wrote it\n' "$name" "$sum" >>"$results"
+    else
+        printf '%s.host_random=wrong: sha256 %s, the guest wrote %s\n' "$name" "$sum" "${gsum:-?}" >>"$results"
+        host_fail rootfs-image "/bhyvers/random.bin in $rootfs_img has sha256 $sum, the guest wrote ${gsum:-?}"
+    fi
+    seed=$(sed -n 's/^BHYVE-RS-SEED sha256=\([0-9a-f]*\).*/\1/p' "$con" | head -n 1)
+    if [[ $seed == "$seed_sha" ]]; then
+        printf '%s.host_seed=ok: the guest read the seed as written (sha256 %s)\n' "$name" "$seed" >>"$results"
+    else
+        printf '%s.host_seed=wrong: the guest read sha256 %s, the host wrote %s\n' "$name" "${seed:-?}" "$seed_sha" >>"$results"
+        host_fail rootfs-read "the guest read /bhyvers/seed as sha256 ${seed:-?}, the host wrote $seed_sha"
+    fi
+    rm -f "$copy"
+}
+[[ $rootfs == 1 ]] && rootfs_host_check
 printf 'rig.exit_status=%s\n' "$status" >>"$results"
 if [[ $status != 0 ]]; then
     printf 'rig.failed_step=%s\n' "$(sed -n '1s/^RIG-FAIL step=\([^ ]*\).*/\1/p' <<<"$fails")" >>"$results"

@@ -166,6 +166,39 @@ rig_busybox_root() {
 }
 
 # ---------------------------------------------------------------------------
+# Kernel modules.
+# ---------------------------------------------------------------------------
+
+# rig_module_order MODDIR MODULE...: the load order of MODULEs (paths as modules.dep names
+# them, e.g. kernel/drivers/block/virtio_blk.ko) and everything they need, from
+# MODDIR/modules.dep: each module after the ones it depends on, each once. Runs
+# "depmod -b" on the extracted package first if it has no modules.dep yet.
+rig_module_order() {
+    local moddir=$1 base kver
+    shift
+    if [[ ! -f $moddir/modules.dep ]]; then
+        kver=$(basename "$moddir")
+        base=$(cd "$moddir/../../.." && pwd)
+        rig_log "depmod for $kver"
+        depmod -b "$base" "$kver" >&2 || rig_die "$RIG_EX_BUILD" modules "depmod -b $base $kver failed"
+    fi
+    local -A _seen=()
+    local _order=()
+    _rig_module_add() {
+        local m=$1 d deps
+        [[ -n ${_seen[$m]:-} ]] && return 0
+        _seen[$m]=1
+        grep -q "^$m:" "$moddir/modules.dep" || rig_die "$RIG_EX_BUILD" modules "$m is not in $moddir/modules.dep"
+        read -ra deps < <(awk -v m="$m" -F': *' '$1 == m {print $2; exit}' "$moddir/modules.dep")
+        for d in "${deps[@]}"; do _rig_module_add "$d"; done
+        _order+=("$m")
+    }
+    local m
+    for m in "$@"; do _rig_module_add "$m"; done
+    printf '%s\n' "${_order[@]}"
+}
+
+# ---------------------------------------------------------------------------
 # Kernel images.
 # ---------------------------------------------------------------------------
 

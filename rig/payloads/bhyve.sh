@@ -16,10 +16,22 @@
 #                       larger than guest memory (100 MiB made here with dd, -m 128M: with
 #                       -m 64M the kernel alone does not fit): exit 4 (error) and a message
 #                       on stderr that says why (HOSTILE.message)
+#   bhyve_c1.rootfs     root file system on virtio-blk: L1's /dev/vda (the ext4 image
+#                       rig/run.sh made with mke2fs -d and gave L1 as a disk) is our
+#                       -s 4,virtio-blk,/dev/vda; the guest (initramfs with the virtio
+#                       modules) loads them, mounts root=/dev/vda rw, switch_roots into it,
+#                       reads the host's seed file, writes /bhyvers/written.txt (with a nonce
+#                       made here) and 1 MiB of random bytes, syncs, powers off (exit 1).
+#                       Checked here: modules loaded, ext4 mounted rw, the write reported; on
+#                       the host after L1 stops (rig/run.sh): the bytes in the image
+#   bhyve_c1.net        virtio-net on a tap: L1 makes tap rigtap0 (10.77.0.1/24) and
+#                       -s 5,virtio-net,rigtap0; the guest (10.77.0.2) pings L1 (3 pings, 2
+#                       full-frame ones: every reply wanted), L1 pings the guest once it hears
+#                       from it (3: every reply wanted), the guest waits for those 3
 #   l1.dmesg            L1's own kernel log after all runs: no WARNING/BUG/Call Trace (our
 #                       ioctls must not trip kvm_amd)
 # RIG_CASES (rig/run.sh --cases) selects among c1.quiet c1.verbose c2.quiet c2.verbose
-# c1.reboot c1.pvh hostile l1.dmesg (default: all).
+# c1.reboot c1.pvh c1.rootfs c1.net hostile l1.dmesg (default: all).
 # Settings come from /payload/rig.conf (written by rig/run.sh).
 # shellcheck source-path=SCRIPTDIR source=../l1/harness.sh
 . /rig/harness.sh
@@ -29,8 +41,10 @@
 kernel=/payload/guest/vmlinuz
 vmlinux=/payload/guest/vmlinux
 initrd=/payload/guest/initramfs.cpio
+initrd_virtio=/payload/guest/initramfs-virtio.cpio
+guest_initrd=$initrd
 extra=${RIG_GUEST_APPEND:+ $RIG_GUEST_APPEND}
-cases=" ${RIG_CASES:-c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh hostile l1.dmesg} "
+cases=" ${RIG_CASES:-c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh c1.rootfs c1.net hostile l1.dmesg} "
 want() { case $cases in *" $1 "*) return 0 ;; esac; return 1; }
 socks=/tmp/bhyve-sockets
 mkdir -p "$socks"
@@ -98,7 +112,7 @@ run_bhyve() { # NAME CPUS EXPECT CMDLINE [KERNEL-OPTIONS...]
     shift 4
     [ $# -gt 0 ] || set -- -o "boot.kernel=$kernel"
     rig_guest_run "$name" "$RIG_GUEST_TIMEOUT" "$expect" /payload/bhyve -c "$cpus" -m 256M -l com1,stdio \
-        "$@" -o "boot.initrd=$initrd" -o "boot.cmdline=$cmdline" -o "vmm.socket_dir=$socks" "rig-$cpus"
+        "$@" -o "boot.initrd=$guest_initrd" -o "boot.cmdline=$cmdline" -o "vmm.socket_dir=$socks" "rig-$cpus"
     ret=$?
     rig_result "$name.exit" "$(exit_name "$(sed -n "s/^${name}[.]vmm_status=//p" "$RIG_RESULTS" | tail -n 1)")"
     if [ -f "/tmp/$name.console" ] && grep -q "^$RIG_MARKER" "/tmp/$name.console"; then
@@ -135,6 +149,116 @@ want c1.reboot && run_bhyve bhyve_c1.reboot 1 0 "console=ttyS0 panic=-1 quiet bh
 want c1.pvh && run_bhyve bhyve_c1.pvh 1 1 "console=ttyS0 panic=-1 quiet bhyvers.test=info,dmesg,poweroff$extra" \
     -o "boot.kernel=$vmlinux" -o boot.protocol=pvh
 rig_summary "^bhyve_c[0-9][.]quiet[.]start_to_marker_s\$" "bhyve.quiet_start_to_marker_s"
+
+# guest_line NAME PREFIX: the first console line of NAME that starts with PREFIX, without it.
+guest_line() {
+    tr -d '\r' <"/tmp/$1.console" 2>/dev/null | sed -n "s/^$2//p" | head -n 1
+}
+
+# The virtio drivers the guest loads from its initramfs ("modules" in guest-linux/init).
+modules_check() { # NAME
+    mods=$(guest_line "$1" 'BHYVE-RS-MODULES ')
+    failed=$(guest_line "$1" 'BHYVE-RS-MODULES-FAILED ')
+    if [ -n "$mods" ]; then
+        rig_result "$1.modules" "$mods"
+    elif [ -n "$failed" ]; then
+        rig_result "$1.modules" "failed: $failed"
+        rig_fail guest-modules 1 "$1: the guest could not load its virtio modules: $failed"
+        return 1
+    else
+        rig_result "$1.modules" missing
+        rig_fail guest-modules 1 "$1: the guest did not report loading its virtio modules (no BHYVE-RS-MODULES line)"
+        return 1
+    fi
+}
+
+# Root file system on virtio-blk: L1's /dev/vda, the image rig/run.sh made and checks after.
+if want c1.rootfs; then
+    name=bhyve_c1.rootfs
+    if [ ! -b /dev/vda ]; then
+        rig_fail rootfs-disk 1 "$name: L1 has no /dev/vda (rig/run.sh gives L1 the ext4 image as a virtio disk)"
+    else
+        nonce=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+        rig_result "$name.nonce" "$nonce"
+        rig_result "$name.disk_bytes" "$(blockdev --getsize64 /dev/vda 2>/dev/null || echo unknown)"
+        guest_initrd=$initrd_virtio
+        run_bhyve "$name" 1 1 "console=ttyS0 panic=-1 quiet root=/dev/vda rootfstype=ext4 rw bhyvers.test=info,modules,switchroot,writefile,poweroff bhyvers.nonce=$nonce$extra" \
+            -o "boot.kernel=$kernel" -s 4,virtio-blk,/dev/vda
+        guest_initrd=$initrd
+        if [ -f "/tmp/$name.console" ] && grep -q "^$RIG_MARKER" "/tmp/$name.console" && modules_check "$name"; then
+            root=$(guest_line "$name" 'BHYVE-RS-ROOT ')
+            rig_result "$name.root" "${root:-$(guest_line "$name" 'BHYVE-RS-ROOT-FAILED ' | sed 's/^/failed: /')}"
+            rig_result "$name.root_init" "$(guest_line "$name" 'BHYVE-RS-ROOT-INIT ')"
+            write=$(guest_line "$name" 'BHYVE-RS-WRITE ')
+            rig_result "$name.write" "${write:-missing}"
+            seed=$(guest_line "$name" 'BHYVE-RS-SEED ')
+            rig_result "$name.seed" "${seed:-missing}"
+            case $root in
+            *"dev=/dev/vda type=ext4 mode=rw"*) ;;
+            *) rig_fail rootfs-mount 1 "$name: the guest did not mount /dev/vda as ext4 read-write (${root:-$(guest_line "$name" 'BHYVE-RS-ROOT-FAILED ')})" ;;
+            esac
+            case $write in
+            "root=/dev/vda type=ext4 nonce=$nonce "*) ;;
+            "") rig_fail rootfs-write 1 "$name: the guest reported no write (no BHYVE-RS-WRITE line)" ;;
+            *) rig_fail rootfs-write 1 "$name: the guest's write is not this run's to the ext4 root (want root=/dev/vda type=ext4 nonce=$nonce; it said: $write)" ;;
+            esac
+        fi
+    fi
+fi
+
+# virtio-net on a tap: the guest and L1 ping each other.
+icmp_in_echos() {
+    awk '/^Icmp:/ { if (!c) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i } else { print $c; exit } }' /proc/net/snmp
+}
+ping_counts() { # FILE: "transmitted N received M"
+    sed -n 's/^\([0-9]*\) packets transmitted, \([0-9]*\) packets received.*/transmitted \1 received \2/p' "$1"
+}
+if want c1.net; then
+    name=bhyve_c1.net
+    tap=rigtap0 l1_addr=10.77.0.1 guest_addr=10.77.0.2
+    if ! { tunctl -t $tap >/dev/null && ip addr add $l1_addr/24 dev $tap && ip link set $tap up; }; then
+        rig_fail net-tap 1 "$name: L1 could not make tap $tap ($l1_addr/24)"
+    else
+        # Ping the guest once it has pinged us (its first echo request arrives).
+        base=$(icmp_in_echos)
+        (
+            i=0
+            while [ "$(icmp_in_echos)" -le "$base" ] && [ $i -lt $((RIG_GUEST_TIMEOUT * 5)) ]; do
+                sleep 0.2
+                i=$((i + 1))
+            done
+            ping -c 3 -i 0.2 -W 5 $guest_addr >"/tmp/$name.l1ping" 2>&1
+        ) &
+        pinger=$!
+        guest_initrd=$initrd_virtio
+        run_bhyve "$name" 1 1 "console=ttyS0 panic=-1 quiet bhyvers.test=info,modules,net,pinged,poweroff bhyvers.net=$guest_addr/24,$l1_addr$extra" \
+            -o "boot.kernel=$kernel" -s 5,virtio-net,$tap
+        guest_initrd=$initrd
+        kill $pinger 2>/dev/null
+        wait $pinger 2>/dev/null
+        if [ -f "/tmp/$name.console" ] && grep -q "^$RIG_MARKER" "/tmp/$name.console" && modules_check "$name"; then
+            netline=$(guest_line "$name" 'BHYVE-RS-NET ')
+            rig_result "$name.guest_net" "${netline:-$(guest_line "$name" 'BHYVE-RS-NET-FAILED ' | sed 's/^/failed: /')}"
+            g56=$(guest_line "$name" 'BHYVE-RS-PING size=56 ')
+            g1472=$(guest_line "$name" 'BHYVE-RS-PING size=1472 ')
+            by=$(guest_line "$name" 'BHYVE-RS-PINGED-BY ')
+            l1=$(ping_counts "/tmp/$name.l1ping" 2>/dev/null)
+            rig_result "$name.guest_ping_56" "${g56:-missing}"
+            rig_result "$name.guest_ping_1472" "${g1472:-missing}"
+            rig_result "$name.l1_ping" "${l1:-none}"
+            rig_result "$name.guest_pinged_by_l1" "${by:-missing}"
+            rig_result "$name.l1_tap" "$(ip -o link show $tap 2>/dev/null | sed 's/.*<\([^>]*\)>.*/\1/') rx $(cat /sys/class/net/$tap/statistics/rx_packets) tx $(cat /sys/class/net/$tap/statistics/tx_packets)"
+            [ -n "$netline" ] || rig_fail net-setup 1 "$name: the guest found no Ethernet interface to address ($(guest_line "$name" 'BHYVE-RS-NET-FAILED '))"
+            case $g56/$g1472 in
+            "transmitted=3 received=3/transmitted=2 received=2") ;;
+            *) rig_fail net-guest-ping 1 "$name: guest pinging L1: 56 bytes ${g56:-no result}, 1472 bytes ${g1472:-no result} (want every reply)" ;;
+            esac
+            [ "$l1" = "transmitted 3 received 3" ] ||
+                rig_fail net-l1-ping 1 "$name: L1 pinging the guest: ${l1:-no result} (want 3 of 3; L1's ping said: $(tail -n 2 "/tmp/$name.l1ping" 2>/dev/null | tr '\n' ' '))"
+        fi
+        tunctl -d $tap >/dev/null 2>&1
+    fi
+fi
 
 # Hostile input: bhyve must refuse with exit 4 and say why on stderr.
 hostile() { # NAME MEM MESSAGE-PATTERN KERNEL INITRD

@@ -4,9 +4,9 @@
 #
 #   rig/test/selftest.sh [--bhyve PATH] [CASE...]
 #       cases: bhyve-pass marker-missing module-load guest-timeout payload-timeout
-#              l1-stall bhyve-marker-missing (default: all, ~4 min cached)
-#   --bhyve PATH   our static bhyve, for bhyve-marker-missing (which is skipped, and
-#                  says so, without it; the environment's RIG_SELFTEST_BHYVE works too)
+#              l1-stall bhyve-marker-missing bhyve-rootfs-stale (default: all, ~4 min cached)
+#   --bhyve PATH   our static bhyve, for bhyve-marker-missing and bhyve-rootfs-stale (skipped,
+#                  and saying so, without it; the environment's RIG_SELFTEST_BHYVE works too)
 # Prints "N passed, M failed, K skipped"; exit status 0 only if no case failed. Each
 # case's stderr is kept in $RIG_SELFTEST_KEEP/CASE.err when that is set.
 set -euo pipefail
@@ -57,14 +57,14 @@ check() {
 }
 
 cases=("$@")
-((${#cases[@]})) || cases=(bhyve-pass marker-missing module-load guest-timeout payload-timeout l1-stall bhyve-marker-missing)
+((${#cases[@]})) || cases=(bhyve-pass marker-missing module-load guest-timeout payload-timeout l1-stall bhyve-marker-missing bhyve-rootfs-stale)
 for c in "${cases[@]}"; do
     case $c in
         # The --bhyve payload end to end, with a stand-in that boots the guest
         # under QEMU+KVM in L1: every case passes, exit statuses map to bhyve(8)'s.
         # (Hostile input is left out: the stand-in's error messages are QEMU's, not ours.)
         bhyve-pass) check "$c" 0 "" -- --bhyve "$here/fake-bhyve.sh" --with-qemu \
-            --cases "c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh l1.dmesg" ;;
+            --cases "c1.quiet c1.verbose c2.quiet c2.verbose c1.reboot c1.pvh c1.rootfs c1.net l1.dmesg" ;;
         # A guest that cannot reach its init: the rig says "marker-missing" (23).
         marker-missing) check "$c" 23 marker-missing -- --peer --runs 1 --machines pc --no-count-exits \
             --guest-append 'rdinit=/nonexistent init=/nonexistent' ;;
@@ -77,6 +77,18 @@ for c in "${cases[@]}"; do
             else
                 check "$c" 23 marker-missing -- --bhyve "$bhyve" --guest-timeout 60 \
                     --cases "c1.quiet c1.pvh" --guest-append 'rdinit=/nonexistent init=/nonexistent'
+            fi
+            ;;
+        # The root file system check must fail when the image does not hold what this run's
+        # guest was told to write: a later bhyvers.nonce= on the command line wins in the
+        # guest, so it writes a stale nonce; the host's look into the image says rootfs-image.
+        bhyve-rootfs-stale)
+            if [[ -z $bhyve ]]; then
+                echo "selftest: $c: SKIPPED (no --bhyve PATH / RIG_SELFTEST_BHYVE)" >&2
+                skipped=$((skipped + 1))
+            else
+                check "$c" 1 rootfs-image -- --bhyve "$bhyve" --guest-timeout 60 \
+                    --cases c1.rootfs --guest-append 'bhyvers.nonce=stale'
             fi
             ;;
         # An outer CPU without SVM: kvm_amd does not load (21).

@@ -1,4 +1,4 @@
-//! virtio-blk on a raw image file (virtio 1.2 §5.2; bhyve's `pci_virtio_block.c`).
+//! virtio-blk on a raw image file or a block device (virtio 1.2 §5.2; bhyve's `pci_virtio_block.c`).
 //!
 //! Requests: IN (read), OUT (write), FLUSH (fsync), GET_ID (the serial, 20 bytes), DISCARD and
 //! WRITE_ZEROES (fallocate `PUNCH_HOLE` / `ZERO_RANGE`, offered only when the host file system
@@ -196,6 +196,21 @@ fn probe_punch_hole(file: &File, at: u64) -> bool {
     rc == 0
 }
 
+/// The size of an image: a regular file's length, or where a block device ends (its metadata
+/// says 0 bytes; bhyve(8) takes disks, partitions and zvols as well as files).
+fn image_len(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        // I/O is positional (pread/pwrite): the file offset this moves is never used.
+        let mut f = file;
+        f.seek(SeekFrom::End(0))
+    } else {
+        Ok(meta.len())
+    }
+}
+
 impl Block {
     /// Opens the image named by `opts`.
     pub fn open(opts: &BlockOptions) -> Result<Self, BlockError> {
@@ -227,14 +242,7 @@ impl Block {
         no_delete: bool,
         serial: &str,
     ) -> std::io::Result<Self> {
-        // The end of the file: its length, or a block device's size (whose metadata says 0).
-        let len = {
-            use std::io::Seek;
-            let mut f = &file;
-            let end = f.seek(std::io::SeekFrom::End(0))?;
-            f.seek(std::io::SeekFrom::Start(0))?;
-            end
-        };
+        let len = image_len(&file)?;
         let mut id = [0u8; ID_LEN];
         for (d, s) in id.iter_mut().zip(serial.bytes()) {
             *d = s;

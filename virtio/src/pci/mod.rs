@@ -19,9 +19,10 @@
 //! * **MSI-X** ([`msix`]): the capability's control word (enable, function mask) is writable; the
 //!   table and PBA are served through [`PciFunction::bar_read`]/[`PciFunction::bar_write`] when an
 //!   access falls in their window.
-//! * **INTx** ([`IntxPin`]): interrupt pin INTA, interrupt line writable; the device raises a level
-//!   through the shared pin, the command register's INTx-disable bit and an enabled MSI-X gate
-//!   it, status bit 3 shows it.
+//! * **INTx** ([`IntxPin`]): interrupt pin INTA when the platform wired a line, none (pin 0)
+//!   otherwise, so a guest never falls back to an interrupt nobody delivers; interrupt line
+//!   writable; the device raises a level through the shared pin, the command register's
+//!   INTx-disable bit and an enabled MSI-X gate it, status bit 3 shows it.
 
 pub mod msix;
 
@@ -199,6 +200,11 @@ impl IntxPin {
     pub fn driven(&self) -> bool {
         self.lock().driven
     }
+
+    /// Whether the platform wired a line to this pin.
+    pub fn wired(&self) -> bool {
+        self.line.is_some()
+    }
 }
 
 /// Counters of one function.
@@ -271,12 +277,14 @@ impl std::fmt::Debug for PciFunction {
 
 impl PciFunction {
     /// A function carrying `id` and the subsystem IDs, with INTA as its interrupt pin wired to
-    /// `intx`.
+    /// `intx`, or no interrupt pin (0) when `intx` is not wired: an OS then does not look for an
+    /// INTx route (Linux warned "can't derive routing for PCI INT A") and cannot fall back to a
+    /// line nobody drives.
     pub fn new(id: PciIdent, subsystem_vendor: u16, subsystem_id: u16, intx: Arc<IntxPin>) -> Self {
         let mut header = PciHeader::new(id);
         header.set16(SUBSYS_VENDOR, subsystem_vendor);
         header.set16(SUBSYS_ID, subsystem_id);
-        header.set8(reg::INTERRUPT_PIN, 1);
+        header.set8(reg::INTERRUPT_PIN, u8::from(intx.wired()));
         Self {
             header,
             bars: [BarSlot::Empty; 6],
@@ -714,6 +722,12 @@ mod tests {
     struct NoMsi;
     impl MsiTrigger for NoMsi {
         fn trigger(&self, _: u16, _: u64, _: u32) {}
+    }
+
+    #[test]
+    fn no_interrupt_pin_without_an_intx_line() {
+        let f = PciFunction::new(ident(), 0x1af4, 0x1100, Arc::new(IntxPin::new(None)));
+        assert_eq!(rd(&f, 0x3c) >> 8 & 0xff, 0, "interrupt pin: none");
     }
 
     #[test]
