@@ -15,11 +15,9 @@
 use core::fmt;
 use core::mem::{align_of, offset_of, size_of};
 
-/// Version of the record layouts and of the ring layout (header and slots). A ring formatted
-/// with another version is refused by [`crate::Ring::attach`].
-///
-/// 2: each slot is a 64-byte-aligned sequence word plus the record (1: slots were bare records).
-pub const ABI_VERSION: u32 = 2;
+/// Version of the record layouts and of the ring header. A ring formatted with another version
+/// is refused by [`crate::Ring::attach`].
+pub const ABI_VERSION: u32 = 1;
 
 /// What may cross a ring.
 ///

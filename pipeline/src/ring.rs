@@ -8,9 +8,7 @@
 //! offset 128    tail      producer index (u64)              written by the producer only
 //! offset 256    head      consumer index (u64)              written by the consumer only
 //! offset 384    wake      futex word: 0 awake, 1 sleeping   consumer sets, producer clears
-//! offset 512    slots     capacity × slot, capacity a power of two; a slot is a 64-byte
-//!                         aligned line: seq (u64) at +0, the record at +8 (records up to
-//!                         56 bytes take one line: ExitRecord 48, CompletionRecord 32)
+//! offset 512    slots     capacity × record, capacity a power of two
 //! ```
 //! (Offsets for x86-64, where `CachePadded` is 128 bytes so that the adjacent-line prefetcher
 //! cannot pull the two indices into one false-sharing pair; asserted at compile time. Other
@@ -19,39 +17,23 @@
 //! # Indices
 //!
 //! Both indices count records since the ring was formatted and wrap at 2^64; a slot is
-//! `index & (capacity - 1)`. Each side keeps its own index locally, as the truth.
+//! `index & (capacity - 1)`. `tail - head` (wrapping) is the number of records in the ring and
+//! is never more than `capacity`. Each side keeps its own index locally, as the truth, and
+//! caches the other side's: the producer re-reads `head` only when its cached view says the
+//! ring is full, the consumer re-reads `tail` only when its cached view says it is empty, so in
+//! steady state each side touches the other's cache line once per batch, not once per record.
 //!
-//! **The consumer learns of records from the slots themselves.** Each slot carries a sequence
-//! word: `index + 1` of the record in it (0: never written). The consumer expecting record `h`
-//! reads slot `h`'s word; `h + 1` means the record is there, `h + 1 - capacity` (0 on the first
-//! lap) means it is not yet. So on the data path the consumer never reads the producer's `tail`
-//! line: a record crosses between the cores as one cache line carrying both the record and its
-//! "ready" mark, where a classic index ring (Lamport's, and `rtrb`) moves two lines, the slot and
-//! the index, and the consumer polling an empty ring keeps pulling the index line away from the
-//! producer, which writes it on every push. (FastForward's idea, with an explicit sequence
-//! instead of a null record, so that every bit pattern stays a valid record.)
-//!
-//! **The producer learns of free slots from `head`**, which it caches: it re-reads it only when
-//! its cached view says the ring is full, so it touches the consumer's line once per lap, not
-//! once per record. It still stores `tail` after each publish (a line nobody reads on the data
-//! path, so the store stays in its own cache): `tail` serves [`Consumer::len`], a producer that
-//! restarts, and the consumer's checks before it sleeps.
-//!
-//! Everything the other side wrote comes from shared memory a hostile process may scribble on,
-//! so it is checked every time it is read: a slot's sequence word must be one of the two values
-//! above; `head` may not be more than `capacity` behind `tail`; `tail` (stored after the
-//! sequence words it covers, so it may lag `head` by up to one batch) may not be more than
-//! `capacity` from `head` either way. A failed check poisons the handle
-//! ([`RingError::CorruptIndex`], a terminal state); it never leads to an out-of-bounds access or
-//! a panic. Slot positions are always masked, never trusted.
+//! The other side's index comes from shared memory a hostile process may scribble on, so it is
+//! checked every time it is read: `tail - head` must not exceed `capacity`, and `tail` may not
+//! move backwards. A failed check poisons the handle ([`RingError::CorruptIndex`], a terminal
+//! state); it never leads to an out-of-bounds access or a panic. Slot positions are always
+//! masked, never trusted.
 //!
 //! # Ordering
 //!
 //! Acquire/release only on the data path:
-//! - producer: write a record, then its slot's `seq.store(Release)`; after a record or a batch,
-//!   `tail.store(Release)`;
-//! - consumer: `seq.load(Acquire)`, read the record, then `head.store(Release)` (one store for a
-//!   whole batch);
+//! - producer: write slots, then `tail.store(Release)` (one store for a whole batch);
+//! - consumer: `tail.load(Acquire)`, read slots, then `head.store(Release)`;
 //! - producer: `head.load(Acquire)` before reusing slots the consumer has released.
 //!
 //! # The "needs wake-up" protocol
@@ -60,12 +42,11 @@
 //! The consumer, having spun for its budget and found nothing:
 //! 1. stores `SLEEPING` into `wake`;
 //! 2. `fence(SeqCst)`;
-//! 3. re-checks the next slot's sequence word (and validates `tail`): if a record arrived, it
-//!    stores `AWAKE` and returns;
+//! 3. re-reads `tail`: if records arrived, it stores `AWAKE` and returns;
 //! 4. otherwise `FUTEX_WAIT(wake, SLEEPING, timeout)`, which sleeps only if `wake` still holds
 //!    `SLEEPING` (checked atomically by the kernel).
 //!
-//! The producer, after every publish (its sequence-word and `tail` stores):
+//! The producer, after every publish (the `tail` store):
 //! 1. a store→load barrier (see below);
 //! 2. loads `wake`: only if it is `SLEEPING` does it `swap(AWAKE)` and, if it won that swap,
 //!    issue `FUTEX_WAKE`.
@@ -77,7 +58,7 @@
 //! while the producer sees the old `wake` and does not wake it, a lost wake-up. With a
 //! `SeqCst` fence on each side, one fence comes first in their single total order; if the
 //! consumer's does, the producer's load sees `SLEEPING` and wakes it; if the producer's does,
-//! the consumer's re-check sees the new record and does not sleep. `loom-tests/` checks this (a
+//! the consumer's re-read sees the new `tail` and does not sleep. `loom-tests/` checks this (a
 //! lost wake-up shows as a deadlock there).
 //!
 //! The producer's fence, though, would be paid on every publish, and on x86 it waits for the
@@ -130,29 +111,8 @@ pub const MAX_CAPACITY: u32 = 1 << 30;
 const CLAIM_PRODUCER: u32 = 1;
 const CLAIM_CONSUMER: u32 = 2;
 
-/// One slot: a sequence word and a record, on a cache line of its own (two or more for records
-/// over 56 bytes).
-///
-/// `seq` is `index + 1` of the record the slot holds (0: never written). The producer writes
-/// the record, then stores `seq` with release ordering; the consumer expecting record `index`
-/// loads `seq` with acquire ordering and reads the record only if it is `index + 1`. So the
-/// consumer learns that a record is there from the line that carries it, without reading the
-/// producer's `tail` line (see "Indices" in the module docs).
-#[repr(C, align(64))]
-struct Slot<T> {
-    seq: AtomicU64,
-    record: UnsafeCell<T>,
-}
-
-impl<T> Slot<T> {
-    #[cfg(loom)]
-    fn new(record: T) -> Self {
-        Self {
-            seq: AtomicU64::new(0),
-            record: UnsafeCell::new(record),
-        }
-    }
-}
+/// One slot: a record in a cell (loom's checked cell under `cfg(loom)`).
+type Slot<T> = UnsafeCell<T>;
 
 /// Written once by [`Ring::format`]; read (and checked) by [`Ring::attach`]. All fields are
 /// atomics because a peer process may rewrite them at any time; the handles copy what they need
@@ -207,12 +167,8 @@ const _: () = {
     assert!(offset_of!(Meta, producer_mode) == 32);
     assert!(offset_of!(Meta, reserved) == 36);
     assert!(size_of::<WakeWord>() == 4);
-    // A slot is a sequence word and a record on one 64-byte line.
-    assert!(offset_of!(Slot<crate::abi::ExitRecord>, seq) == 0);
-    assert!(offset_of!(Slot<crate::abi::ExitRecord>, record) == 8);
-    assert!(size_of::<Slot<crate::abi::ExitRecord>>() == 64);
-    assert!(size_of::<Slot<crate::abi::CompletionRecord>>() == 64);
-    assert!(align_of::<Slot<crate::abi::ExitRecord>>() == 64);
+    // A slot is exactly a record, so batches copy runs of records.
+    assert!(size_of::<Slot<crate::abi::ExitRecord>>() == 48);
 };
 #[cfg(all(not(loom), target_arch = "x86_64"))]
 const _: () = assert!(HEADER_SIZE == 512);
@@ -697,14 +653,6 @@ impl<T: Record> Ring<T> {
         let tail = h.tail.load(Ordering::Acquire);
         let head = h.head.load(Ordering::Acquire);
         let capacity = u64::from(self.capacity);
-        // A predecessor that stopped between publishing records (their sequence words) and
-        // storing `tail` may have had them consumed already: resume after them.
-        let behind = head.wrapping_sub(tail);
-        let tail = if behind > 0 && behind <= capacity {
-            head
-        } else {
-            tail
-        };
         let poison = (tail.wrapping_sub(head) > capacity).then_some(RingError::CorruptIndex {
             producer: tail,
             consumer: head,
@@ -738,6 +686,7 @@ impl<T: Record> Ring<T> {
         let capacity = u64::from(self.capacity);
         Ok(Consumer {
             head,
+            cached_tail: head,
             mask: capacity - 1,
             slots: self.slots(),
             header: self.region.base().cast(),
@@ -857,7 +806,7 @@ impl<T: Record> Producer<T> {
         let h = self.header();
         h.tail.store(self.tail, PUBLISH);
         // Dekker: order the tail store before the wake-flag load (pairs with the consumer's
-        // fence between setting the flag and re-checking the slot). In light mode the consumer's
+        // fence between setting the flag and re-reading the tail). In light mode the consumer's
         // membarrier supplies this barrier when it matters, so a compiler fence suffices; the
         // loom models always take the fence (see `barrier`).
         if cfg!(loom) || !self.light {
@@ -888,7 +837,11 @@ impl<T: Record> Producer<T> {
         if self.tail == self.limit && self.refresh_head() == 0 {
             return Err(record);
         }
-        self.write_slot(self.tail, record);
+        self.slot(self.tail).with_mut(|p| {
+            // SAFETY: the slot at `tail` is free: `tail - head < capacity` per the acquire
+            // load of `head`, so the consumer has finished reading it; only we write it.
+            unsafe { p.write(record) }
+        });
         self.tail = self.tail.wrapping_add(1);
         self.publish();
         Ok(())
@@ -913,24 +866,34 @@ impl<T: Record> Producer<T> {
         n
     }
 
-    /// Write `record` into the slot of `index` and publish it there (its `seq` word).
+    #[cfg(not(loom))]
     #[inline(always)]
-    fn write_slot(&self, index: u64, record: T) {
-        let slot = self.slot(index);
-        slot.record.with_mut(|p| {
-            // SAFETY: the slot of `index` is free: `index - head < capacity` per the acquire
-            // load of `head`, so the consumer has finished reading it; only we write it.
-            unsafe { p.write(record) }
-        });
-        // Orders the record before the sequence word the consumer acquires.
-        slot.seq.store(index.wrapping_add(1), PUBLISH);
+    fn copy_in(&self, src: &[T]) {
+        let start = slot_of(self.tail, self.mask);
+        let first = src.len().min(small(self.capacity) - start);
+        let (a, b) = src.split_at(first);
+        let dst = core::ptr::from_ref(self.slot(self.tail))
+            .cast_mut()
+            .cast::<T>();
+        // SAFETY: slots start..start + a.len() lie inside the ring (a.len() <= capacity -
+        // start), are free (checked against the consumer's index) and `Slot<T>` is a
+        // transparent cell around `T`; `src` is a separate allocation.
+        unsafe { core::ptr::copy_nonoverlapping(a.as_ptr(), dst, a.len()) };
+        if !b.is_empty() {
+            let dst = self.slots.as_ptr().cast::<T>();
+            // SAFETY: as above for slots 0..b.len(), b.len() < capacity.
+            unsafe { core::ptr::copy_nonoverlapping(b.as_ptr(), dst, b.len()) };
+        }
     }
 
-    #[inline(always)]
+    #[cfg(loom)]
     fn copy_in(&self, src: &[T]) {
         let mut index = self.tail;
         for record in src {
-            self.write_slot(index, *record);
+            self.slot(index).with_mut(|p| {
+                // SAFETY: the slot is free (see `try_push`).
+                unsafe { p.write(*record) }
+            });
             index = index.wrapping_add(1);
         }
     }
@@ -1003,12 +966,14 @@ impl<T: Record> Drop for Producer<T> {
 
 /// The reading end of a ring. Exactly one exists per ring at a time.
 ///
-/// `repr(C)` only to keep the hot fields (`head`, `mask`, `slots`, `header`)
+/// `repr(C)` only to keep the hot fields (`head`, `cached_tail`, `mask`, `slots`, `header`)
 /// together at the front, in one cache line.
 #[repr(C)]
 pub struct Consumer<T: Record> {
     /// Next index to read; the truth.
     head: u64,
+    /// Last validated producer index: records `head..cached_tail` are ready.
+    cached_tail: u64,
     mask: u64,
     slots: NonNull<Slot<T>>,
     header: NonNull<RingHeader>,
@@ -1056,21 +1021,17 @@ impl<T: Record> Consumer<T> {
         unsafe { &*slot }
     }
 
-    /// Re-read and validate the producer's index (the slow paths only: the data path goes by
-    /// the slots' sequence words), poisoning the handle if it is impossible.
-    ///
-    /// The producer stores `tail` after the sequence words of the records it covers, so the
-    /// consumer may already have taken those records: `tail` can be behind `head`, but never by
-    /// more than a capacity (a batch), and never ahead by more than a capacity.
+    /// Re-read the producer's index; returns the number of records ready, or the corruption
+    /// (which poisons the handle).
     #[inline(never)]
-    fn refresh_tail(&mut self) -> Result<(), RingError> {
+    fn refresh_tail(&mut self) -> Result<usize, RingError> {
         if let Some(e) = self.poison {
             return Err(e);
         }
         let tail = self.header().tail.load(Ordering::Acquire);
-        let ahead = tail.wrapping_sub(self.head);
-        let behind = self.head.wrapping_sub(tail);
-        if ahead > self.capacity && behind > self.capacity {
+        let ready = tail.wrapping_sub(self.head);
+        // `tail - cached_tail > capacity` means the tail moved backwards.
+        if ready > self.capacity || tail.wrapping_sub(self.cached_tail) > self.capacity {
             let e = RingError::CorruptIndex {
                 producer: tail,
                 consumer: self.head,
@@ -1079,88 +1040,78 @@ impl<T: Record> Consumer<T> {
             self.poison = Some(e);
             return Err(e);
         }
-        Ok(())
+        self.cached_tail = tail;
+        Ok(small(ready))
     }
 
     /// Take the oldest record, `Ok(None)` if the ring is empty, or the corruption that
     /// poisoned this handle.
     #[inline(always)]
     pub fn try_pop(&mut self) -> Result<Option<T>, RingError> {
-        let Some(record) = self.read_slot(self.head)? else {
+        if self.head == self.cached_tail && self.refresh_tail()? == 0 {
             return Ok(None);
-        };
+        }
+        let record = self.slot(self.head).with(|p| {
+            // SAFETY: `head < cached_tail`, which the producer published with release ordering
+            // and we loaded with acquire, so the slot is fully written and the producer will
+            // not touch it until we advance `head`; every bit pattern is a valid `T`.
+            unsafe { p.read() }
+        });
         self.head = self.head.wrapping_add(1);
         self.header().head.store(self.head, Ordering::Release);
         Ok(Some(record))
-    }
-
-    /// The record of `index` if the producer has published it (its slot's `seq` is
-    /// `index + 1`), `Ok(None)` if not yet, or the corruption that poisons the handle.
-    #[inline(always)]
-    fn read_slot(&mut self, index: u64) -> Result<Option<T>, RingError> {
-        let slot = self.slot(index);
-        let seq = slot.seq.load(Ordering::Acquire);
-        if seq != index.wrapping_add(1) || self.poison.is_some() {
-            return self.not_ready(index, seq).map(|()| None);
-        }
-        let record = slot.record.with(|p| {
-            // SAFETY: `seq == index + 1`, stored by the producer with release ordering after it
-            // wrote the record and loaded by us with acquire, so the slot is fully written; the
-            // producer will not touch it again until `head` passes `index`; every bit pattern
-            // is a valid `T`.
-            unsafe { p.read() }
-        });
-        Ok(Some(record))
-    }
-
-    /// The slot of `index` does not hold record `index` (or the handle is poisoned): either it
-    /// still holds the record one lap earlier (`index + 1 - capacity`; 0, never written, on the
-    /// first lap), so the ring is empty there, or its sequence word is impossible, which poisons
-    /// the handle.
-    #[cold]
-    #[inline(never)]
-    fn not_ready(&mut self, index: u64, seq: u64) -> Result<(), RingError> {
-        if let Some(e) = self.poison {
-            return Err(e);
-        }
-        let previous = if index >= self.capacity {
-            index.wrapping_add(1).wrapping_sub(self.capacity)
-        } else {
-            0
-        };
-        if seq == previous {
-            return Ok(());
-        }
-        let e = RingError::CorruptIndex {
-            producer: seq.wrapping_sub(1),
-            consumer: index,
-            capacity: u32::try_from(self.capacity).unwrap_or(u32::MAX),
-        };
-        self.poison = Some(e);
-        Err(e)
     }
 
     /// Take up to `out.len()` records, oldest first, releasing their slots with one store.
     /// Returns how many were written to the front of `out`.
     #[inline]
     pub fn pop_batch(&mut self, out: &mut [T]) -> Result<usize, RingError> {
-        let mut n = 0;
-        for slot in out.iter_mut() {
-            match self.read_slot(self.head.wrapping_add(n as u64)) {
-                Ok(Some(record)) => *slot = record,
-                Ok(None) => break,
-                // Report the corruption now only if it stops us before any record; otherwise
-                // hand over what was good (the handle stays poisoned for the next call).
-                Err(e) if n == 0 => return Err(e),
-                Err(_) => break,
+        let mut ready = small(self.cached_tail.wrapping_sub(self.head));
+        if ready < out.len() {
+            match self.refresh_tail() {
+                Ok(n) => ready = n,
+                Err(e) if ready == 0 => return Err(e),
+                Err(_) => {}
             }
-            n += 1;
         }
-        if n > 0 {
-            self.head = self.head.wrapping_add(n as u64);
-            self.header().head.store(self.head, Ordering::Release);
+        let n = ready.min(out.len());
+        if n == 0 {
+            return Ok(0);
         }
+        let (batch, _) = out.split_at_mut(n);
+        self.copy_out(batch);
+        self.head = self.head.wrapping_add(n as u64);
+        self.header().head.store(self.head, Ordering::Release);
         Ok(n)
+    }
+
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn copy_out(&self, dst: &mut [T]) {
+        let start = slot_of(self.head, self.mask);
+        let first = dst.len().min(small(self.capacity) - start);
+        let (a, b) = dst.split_at_mut(first);
+        let src = core::ptr::from_ref(self.slot(self.head)).cast::<T>();
+        // SAFETY: slots start..start + a.len() lie inside the ring and are published (see
+        // `try_pop`); `Slot<T>` is a transparent cell around `T`; `dst` is a separate buffer.
+        unsafe { core::ptr::copy_nonoverlapping(src, a.as_mut_ptr(), a.len()) };
+        if !b.is_empty() {
+            let src = self.slots.as_ptr().cast::<T>().cast_const();
+            // SAFETY: as above for slots 0..b.len().
+            unsafe { core::ptr::copy_nonoverlapping(src, b.as_mut_ptr(), b.len()) };
+        }
+    }
+
+    #[cfg(loom)]
+    fn copy_out(&self, dst: &mut [T]) {
+        let mut index = self.head;
+        for out in dst {
+            *out = self.slot(index).with(|p| {
+                // SAFETY: the slot is published (see `try_pop`).
+                unsafe { p.read() }
+            });
+            index = index.wrapping_add(1);
+        }
     }
 
     /// Records ready now (0 if the producer's index is corrupt; the next pop reports that).
@@ -1253,21 +1204,13 @@ impl<T: Record> Consumer<T> {
         self.wait_since(&mut Clock::start(), spin, timeout)
     }
 
-    /// Whether the next record is published: its slot's sequence word, as `try_pop` reads it.
+    /// Records ready according to the cached producer index, refreshing it if that says none.
     #[inline]
-    fn ready(&mut self) -> Result<bool, RingError> {
-        let seq = self.slot(self.head).seq.load(Ordering::Acquire);
-        if seq == self.head.wrapping_add(1) && self.poison.is_none() {
-            return Ok(true);
+    fn ready(&mut self) -> Result<usize, RingError> {
+        match small(self.cached_tail.wrapping_sub(self.head)) {
+            0 => self.refresh_tail(),
+            n => Ok(n),
         }
-        self.not_ready(self.head, seq).map(|()| false)
-    }
-
-    /// [`Self::ready`], after validating the producer's index as well: the checks made around
-    /// parking, where reading the `tail` line costs nothing that matters.
-    fn ready_checked(&mut self) -> Result<bool, RingError> {
-        self.refresh_tail()?;
-        self.ready()
     }
 
     fn wait_since(
@@ -1276,12 +1219,12 @@ impl<T: Record> Consumer<T> {
         spin: Duration,
         timeout: Duration,
     ) -> Result<WaitOutcome, RingError> {
-        if self.ready()? {
+        if self.ready()? > 0 {
             return Ok(WaitOutcome::Ready { parked: false });
         }
         while clock.keep_spinning(spin) {
             spin_hint();
-            if self.ready()? {
+            if self.refresh_tail()? > 0 {
                 return Ok(WaitOutcome::Ready { parked: false });
             }
         }
@@ -1294,7 +1237,7 @@ impl<T: Record> Consumer<T> {
             };
             let wake = &self.header().wake;
             wake.set(SLEEPING);
-            // Dekker: order the flag store before the slot re-check (pairs with the producer's
+            // Dekker: order the flag store before the tail re-read (pairs with the producer's
             // fence between its tail store and its flag load).
             fence(Ordering::SeqCst);
             // A light producer has no fence of its own: supply it (see `barrier`).
@@ -1306,8 +1249,8 @@ impl<T: Record> Consumer<T> {
                 budget = budget.min(Waiter::FALLBACK_PARK);
                 fallback = true;
             }
-            let ready = self.ready_checked();
-            if !matches!(ready, Ok(false)) {
+            let ready = self.refresh_tail();
+            if !matches!(ready, Ok(0)) {
                 self.header().wake.set(AWAKE);
                 return ready.map(|_| WaitOutcome::Ready { parked });
             }
@@ -1322,8 +1265,8 @@ impl<T: Record> Consumer<T> {
             self.parks += 1;
             self.fallback_parks += u64::from(fallback);
             parked = true;
-            let ready = self.ready_checked();
-            if !matches!(ready, Ok(false)) {
+            let ready = self.refresh_tail();
+            if !matches!(ready, Ok(0)) {
                 // Records arrived while we slept, yet nobody woke us: the producer stalled
                 // between publishing and waking, or a wake-up was lost.
                 self.late_wakeups += u64::from(timed_out);

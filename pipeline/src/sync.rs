@@ -13,10 +13,10 @@ pub(crate) use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
-/// The ordering of the producer's publishing stores: each slot's sequence word, and its index.
+/// The ordering of the producer's publishing store of its index.
 ///
-/// `Release` is what the protocol needs: it orders a record's write before the sequence word
-/// that makes it visible. The test-only feature `broken-ordering` swaps in `Relaxed` under `cfg(loom)`
+/// `Release` is what the protocol needs: it orders the slot writes before the index that makes
+/// them visible. The test-only feature `broken-ordering` swaps in `Relaxed` under `cfg(loom)`
 /// (only there) so the loom models can show that they catch the bug.
 #[cfg(not(all(loom, feature = "broken-ordering")))]
 pub(crate) const PUBLISH: Ordering = Ordering::Release;
@@ -39,7 +39,8 @@ pub(crate) fn spin_hint() {
 
 /// A slot cell: `core::cell::UnsafeCell` with loom's closure-based access API.
 ///
-/// `repr(transparent)`: the slot layout (pinned in `ring.rs`) is that of a plain `T`.
+/// `repr(transparent)`, so a slice of `UnsafeCell<T>` has the layout of a slice of `T` and the
+/// batch paths may copy runs of records with one `copy_nonoverlapping`.
 #[cfg(not(loom))]
 #[repr(transparent)]
 pub(crate) struct UnsafeCell<T>(core::cell::UnsafeCell<T>);
