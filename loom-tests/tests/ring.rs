@@ -68,6 +68,43 @@ fn full_and_empty() {
     });
 }
 
+/// Single pops store the consumer's index only every `release_every` records (2 for 16 slots)
+/// or when the ring is found empty: a full ring, one more record pushed while the consumer
+/// drains it; the producer reuses a slot only after it was read, every record arrives once, in
+/// order, and the odd last record is released when the consumer finds the ring empty (the
+/// consumer handle is kept alive, so its drop cannot do it).
+#[test]
+fn deferred_release_of_a_full_ring() {
+    check("deferred_release_of_a_full_ring", || {
+        let (mut p, mut c) = channel::<ExitRecord>(16);
+        for seq in 0..16 {
+            p.try_push(write(seq)).unwrap();
+        }
+        assert_eq!(p.try_push(write(16)), Err(write(16)));
+        let consumer = thread::spawn(move || {
+            let mut next = 0;
+            while next < 17 {
+                match c.try_pop().unwrap() {
+                    Some(r) => {
+                        assert_eq!(r, write(next));
+                        next += 1;
+                    }
+                    None => thread::yield_now(),
+                }
+            }
+            assert_eq!(c.try_pop().unwrap(), None);
+            c
+        });
+        push(&mut p, write(16));
+        let c = consumer.join().unwrap();
+        assert!(
+            p.is_empty(),
+            "the consumer released every slot once caught up"
+        );
+        drop(c);
+    });
+}
+
 /// Batch publish (N slots, one release store) and batch consume, across the wrap point:
 /// capacity 4, batches of 3 and 2, consumed in chunks of up to 4.
 #[test]

@@ -33,7 +33,8 @@
 //!
 //! Acquire/release only on the data path:
 //! - producer: write slots, then `tail.store(Release)` (one store for a whole batch);
-//! - consumer: `tail.load(Acquire)`, read slots, then `head.store(Release)`;
+//! - consumer: `tail.load(Acquire)`, read slots, then `head.store(Release)` (after a batch, or
+//!   every few single pops: see `Consumer::release`);
 //! - producer: `head.load(Acquire)` before reusing slots the consumer has released.
 //!
 //! # The "needs wake-up" protocol
@@ -383,6 +384,12 @@ fn slot_of(index: u64, mask: u64) -> usize {
     slot
 }
 
+/// How many single pops may pass between two stores of the consumer's index: an eighth of the
+/// ring, at most 32, at least 1.
+fn release_every(capacity: u64) -> u64 {
+    (capacity / 8).clamp(1, 32)
+}
+
 /// A count already checked to be `<= capacity` (< 2^31) as `usize`.
 #[inline(always)]
 fn small(n: u64) -> usize {
@@ -687,6 +694,8 @@ impl<T: Record> Ring<T> {
         Ok(Consumer {
             head,
             cached_tail: head,
+            released: head,
+            release_every: release_every(capacity),
             mask: capacity - 1,
             slots: self.slots(),
             header: self.region.base().cast(),
@@ -974,6 +983,10 @@ pub struct Consumer<T: Record> {
     head: u64,
     /// Last validated producer index: records `head..cached_tail` are ready.
     cached_tail: u64,
+    /// The index last stored into the header's `head` (see [`Consumer::release`]).
+    released: u64,
+    /// Store `head` at least every this many pops ([`release_every`]).
+    release_every: u64,
     mask: u64,
     slots: NonNull<Slot<T>>,
     header: NonNull<RingHeader>,
@@ -1041,7 +1054,24 @@ impl<T: Record> Consumer<T> {
             return Err(e);
         }
         self.cached_tail = tail;
+        if ready == 0 && self.released != self.head {
+            // Caught up: hand every slot we have read back before we idle.
+            self.release();
+        }
         Ok(small(ready))
+    }
+
+    /// Store `head`, releasing the slots read so far to the producer.
+    ///
+    /// Single pops store it only every [`release_every`] records (and whenever the consumer
+    /// finds the ring empty, before it parks, and when it drops): when the ring runs full the
+    /// producer then gets slots back in runs instead of one at a time, each run one transfer of
+    /// the `head` line instead of one per record. The producer's view of free space is at most
+    /// `release_every - 1` slots behind, and never while the consumer is idle.
+    #[inline(always)]
+    fn release(&mut self) {
+        self.header().head.store(self.head, Ordering::Release);
+        self.released = self.head;
     }
 
     /// Take the oldest record, `Ok(None)` if the ring is empty, or the corruption that
@@ -1058,7 +1088,9 @@ impl<T: Record> Consumer<T> {
             unsafe { p.read() }
         });
         self.head = self.head.wrapping_add(1);
-        self.header().head.store(self.head, Ordering::Release);
+        if self.head.wrapping_sub(self.released) >= self.release_every {
+            self.release();
+        }
         Ok(Some(record))
     }
 
@@ -1081,7 +1113,7 @@ impl<T: Record> Consumer<T> {
         let (batch, _) = out.split_at_mut(n);
         self.copy_out(batch);
         self.head = self.head.wrapping_add(n as u64);
-        self.header().head.store(self.head, Ordering::Release);
+        self.release();
         Ok(n)
     }
 
@@ -1328,6 +1360,10 @@ impl<T: Record> Drop for Consumer<T> {
         #[cfg(loom)]
         if std::thread::panicking() {
             return;
+        }
+        // A successor resumes from the stored index: it must not see records twice.
+        if self.released != self.head {
+            self.release();
         }
         self.header()
             .meta

@@ -744,3 +744,54 @@ fn a_park_that_times_out_with_records_is_counted_late() {
     assert_eq!(late, 1);
     p.tail = 1;
 }
+
+/// Single pops hand slots back to the producer in runs of `release_every` (8 for 64 slots), at
+/// once when the consumer finds the ring empty, and on drop, so a successor never re-reads.
+#[test]
+fn single_pops_release_slots_in_runs_and_when_caught_up() {
+    const BIG: u32 = 64;
+    let buf = Buf::new(Ring::<ExitRecord>::required_size(BIG).unwrap());
+    let ring = Ring::<ExitRecord>::format(
+        buf.region(0, Ring::<ExitRecord>::required_size(BIG).unwrap()),
+        BIG,
+    )
+    .unwrap();
+    assert_eq!(release_every(u64::from(BIG)), 8);
+    let (mut p, mut c) = (ring.producer().unwrap(), ring.consumer().unwrap());
+    for seq in 0..u64::from(BIG) {
+        p.try_push(rec(seq)).unwrap();
+    }
+    assert_eq!(p.try_push(rec(99)), Err(rec(99)), "full");
+    for seq in 0..7 {
+        assert_eq!(c.try_pop(), Ok(Some(rec(seq))));
+    }
+    // Seven read, none released yet: still full for the producer.
+    assert_eq!(ring.header().head.load(Ordering::Relaxed), 0);
+    assert_eq!(p.try_push(rec(99)), Err(rec(99)));
+    assert_eq!(c.try_pop(), Ok(Some(rec(7))));
+    // The eighth releases all eight.
+    assert_eq!(ring.header().head.load(Ordering::Relaxed), 8);
+    for seq in 64..72 {
+        p.try_push(rec(seq)).unwrap();
+    }
+    assert_eq!(p.try_push(rec(99)), Err(rec(99)));
+    // Drain: the pop that finds the ring empty releases the rest.
+    for seq in 8..72 {
+        assert_eq!(c.try_pop(), Ok(Some(rec(seq))));
+    }
+    assert_eq!(c.try_pop(), Ok(None));
+    assert_eq!(ring.header().head.load(Ordering::Relaxed), 72);
+    // Three more read, then the consumer goes away: its successor starts after them.
+    for seq in 72..75 {
+        p.try_push(rec(seq)).unwrap();
+    }
+    for seq in 72..75 {
+        assert_eq!(c.try_pop(), Ok(Some(rec(seq))));
+    }
+    assert_eq!(ring.header().head.load(Ordering::Relaxed), 72);
+    drop(c);
+    assert_eq!(ring.header().head.load(Ordering::Relaxed), 75);
+    let mut c = ring.consumer().unwrap();
+    p.try_push(rec(75)).unwrap();
+    assert_eq!(c.try_pop(), Ok(Some(rec(75))));
+}
