@@ -1,7 +1,9 @@
 //! Exit round trip per class, ours against a raw `KVM_RUN` loop, interleaved in the same run.
 //!
 //! `cargo bench -p perf --bench exits` (env: `EXITS_N`, default 100000 exits per run; `EXITS_REPS`,
-//! default 5). Prints a markdown table; bar: fast ≤ 1.05× raw, posted ≤ 1.05× raw, waited ≤ raw + 1 µs.
+//! default 5; `EXITS_DEVICE_SPIN_US`, the device-model thread's spin before it parks, default
+//! `RunConfig`'s 200 µs). Prints a markdown table; bar: fast ≤ 1.05× raw, posted ≤ 1.05× raw,
+//! waited ≤ raw + 1 µs.
 
 #[path = "support/exits.rs"]
 mod exits;

@@ -141,6 +141,10 @@ pub fn run_ours_with(guest: &str, n: u64, trace: bool) -> Duration {
             requests,
             &RunConfig {
                 trace,
+                device_spin: std::env::var("EXITS_DEVICE_SPIN_US")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map_or(RunConfig::default().device_spin, Duration::from_micros),
                 ..RunConfig::default()
             },
             Arc::new(AtomicBool::new(false)),
