@@ -290,6 +290,9 @@ pub trait Vcpu: Send {
     fn sregs(&self) -> Result<SpecialRegs, BackendError>;
     /// The scheduling state (halted, runnable, waiting for SIPI).
     fn mp_state(&self) -> Result<MpState, BackendError>;
+    /// The CPUID leaf `function`/`index` this vCPU's guest sees, as `[eax, ebx, ecx, edx]`
+    /// (`None` if the table has no such leaf).
+    fn cpuid(&self, function: u32, index: u32) -> Result<Option<[u32; 4]>, BackendError>;
     /// Arms or clears `immediate_exit` (a pending kick makes the next `run` return at once).
     fn set_immediate_exit(&mut self, on: bool);
     /// The address of the `immediate_exit` byte, for a signal handler on this vCPU's thread.

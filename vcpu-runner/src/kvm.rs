@@ -10,6 +10,7 @@ use crate::backend::{
     BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, MpState, Regs, Segment,
     SpecialRegs, Vcpu, VirtKind, Vm, VmExit,
 };
+use crate::cpuid::CpuidFeatures;
 
 /// Detects what virtualizes guests on this host, from the loaded modules and the CPU flags.
 pub fn detect_virt() -> VirtKind {
@@ -43,6 +44,8 @@ pub struct KvmHypervisor {
     kvm: Kvm,
     caps: Capabilities,
     cpuid: CpuId,
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: the in-kernel LAPIC emulates the TSC-deadline MSR.
+    tsc_deadline: bool,
 }
 
 impl KvmHypervisor {
@@ -73,7 +76,20 @@ impl KvmHypervisor {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| BackendError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        Ok(Self { kvm, caps, cpuid })
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        Ok(Self {
+            kvm,
+            caps,
+            cpuid,
+            tsc_deadline,
+        })
+    }
+
+    /// What the CPUID policy adds for a VM with (or without) an in-kernel local APIC.
+    pub fn cpuid_features(&self, in_kernel_lapic: bool) -> CpuidFeatures {
+        CpuidFeatures {
+            tsc_deadline: in_kernel_lapic && self.tsc_deadline,
+        }
     }
 }
 
@@ -101,6 +117,7 @@ impl Hypervisor for KvmHypervisor {
         Ok(KvmVm {
             vm,
             cpuid: self.cpuid.clone(),
+            features: self.cpuid_features(split_irqchip_pins.is_some()),
         })
     }
 }
@@ -110,6 +127,7 @@ impl Hypervisor for KvmHypervisor {
 pub struct KvmVm {
     vm: VmFd,
     cpuid: CpuId,
+    features: CpuidFeatures,
 }
 
 impl Vm for KvmVm {
@@ -140,7 +158,7 @@ impl Vm for KvmVm {
             .create_vcpu(u64::from(id))
             .map_err(|e| BackendError::ioctl("KVM_CREATE_VCPU", e))?;
         let mut cpuid = self.cpuid.clone();
-        crate::cpuid::apply_policy(&mut cpuid, id);
+        crate::cpuid::apply_policy(&mut cpuid, id, self.features);
         fd.set_cpuid2(&cpuid)
             .map_err(|e| BackendError::ioctl("KVM_SET_CPUID2", e))?;
         Ok(KvmVcpu { fd })
@@ -417,6 +435,22 @@ impl Vcpu for KvmVcpu {
             }
             other => MpState::Other(other),
         })
+    }
+
+    fn cpuid(&self, function: u32, index: u32) -> Result<Option<[u32; 4]>, BackendError> {
+        let table = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| BackendError::ioctl("KVM_GET_CPUID2", e))?;
+        Ok(table
+            .as_slice()
+            .iter()
+            .find(|e| {
+                e.function == function
+                    && (e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0
+                        || e.index == index)
+            })
+            .map(|e| [e.eax, e.ebx, e.ecx, e.edx]))
     }
 
     #[inline]
