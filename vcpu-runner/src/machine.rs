@@ -253,6 +253,22 @@ pub fn resident_bytes(mem: &GuestMemoryMmap<()>) -> Option<u64> {
     Some(total)
 }
 
+/// Asks for transparent huge pages on one guest RAM mapping (`MADV_HUGEPAGE`), as QEMU does.
+///
+/// With the usual THP setting (`enabled=always`, `defrag=madvise`, Debian's default) only advised
+/// memory gets direct compaction when no huge page is free, which is typical right after another VM
+/// exited: unadvised guest RAM then ends up on 4 KiB pages, and the guest takes 10–20× more nested
+/// page faults (measured in the rig: 18,000–27,000 instead of ~1,400 per Linux boot) and more TLB
+/// misses for its whole life. Advice only: a kernel without THP refuses it (`EINVAL`), which changes
+/// nothing else. Returns whether the kernel took it.
+pub fn advise_huge_pages(host: *mut u8, len: u64) -> bool {
+    let Ok(len) = usize::try_from(len) else {
+        return false;
+    };
+    // SAFETY: advice on a range of a mapping the caller owns; MADV_HUGEPAGE changes no contents.
+    unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) == 0 }
+}
+
 /// How long every vCPU must have been without exits before halt detection looks at them.
 const HALT_CHECK_AFTER: Duration = Duration::from_millis(500);
 
@@ -368,6 +384,7 @@ where
                         why: e.to_string(),
                     })?;
             let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            advise_huge_pages(host, region.len());
             // SAFETY: the mapping belongs to `memory`, which the Machine owns and drops only after
             // every vCPU thread has been joined.
             unsafe {
