@@ -12,7 +12,8 @@ use crate::backend::{
 };
 use crate::cpuid::CpuidFeatures;
 
-/// Detects what virtualizes guests on this host, from the loaded modules and the CPU flags.
+/// Detects what virtualizes guests on this host, from the loaded modules and the CPU's own CPUID
+/// (not `/proc/cpuinfo`: reading and parsing it took ~120 ms of start-up under emulation).
 pub fn detect_virt() -> VirtKind {
     // Software virtualizers behind the KVM API announce themselves as a module.
     for m in ["kvm_pvm"] {
@@ -20,21 +21,66 @@ pub fn detect_virt() -> VirtKind {
             return VirtKind::Software(m.to_string());
         }
     }
-    let flags = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("flags"))
-                .map(|l| l.to_string())
-        })
-        .unwrap_or_default();
-    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
-    if has("vmx") {
+    use core::arch::x86_64::__cpuid;
+    // Leaves above the reported maximum are not asked for.
+    let leaf1_ecx = __cpuid(1).ecx;
+    let ext_max = __cpuid(0x8000_0000).eax;
+    let ext1_ecx = if ext_max >= 0x8000_0001 {
+        __cpuid(0x8000_0001).ecx
+    } else {
+        0
+    };
+    virt_from_cpuid(leaf1_ecx, ext1_ecx)
+}
+
+/// The virtualization extension CPUID reports: leaf 1 ECX[5] is VMX, leaf 0x8000_0001 ECX[2] SVM
+/// (`ext1_ecx` 0 when the CPU has no such leaf).
+pub fn virt_from_cpuid(leaf1_ecx: u32, ext1_ecx: u32) -> VirtKind {
+    if leaf1_ecx & (1 << 5) != 0 {
         VirtKind::VmxEpt
-    } else if has("svm") {
+    } else if ext1_ecx & (1 << 2) != 0 {
         VirtKind::SvmNpt
     } else {
         VirtKind::Unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuid_bits_name_the_extension() {
+        assert_eq!(virt_from_cpuid(1 << 5, 0), VirtKind::VmxEpt);
+        assert_eq!(virt_from_cpuid(0, 1 << 2), VirtKind::SvmNpt);
+        assert_eq!(virt_from_cpuid(!(1 << 5), !(1 << 2)), VirtKind::Unknown);
+        assert_eq!(virt_from_cpuid(0, 0), VirtKind::Unknown);
+    }
+
+    #[test]
+    fn cpuid_agrees_with_the_kernels_flags_when_they_show_one() {
+        // The kernel may hide a flag (disabled by firmware), never invent one: where /proc/cpuinfo
+        // shows vmx or svm, CPUID must say the same.
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let flags = flags
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or_default()
+            .to_string();
+        let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+        use core::arch::x86_64::__cpuid;
+        let (l1, ext_max) = (__cpuid(1).ecx, __cpuid(0x8000_0000).eax);
+        let e1 = if ext_max >= 0x8000_0001 {
+            __cpuid(0x8000_0001).ecx
+        } else {
+            0
+        };
+        let v = virt_from_cpuid(l1, e1);
+        if has("vmx") {
+            assert_eq!(v, VirtKind::VmxEpt);
+        } else if has("svm") {
+            assert_eq!(v, VirtKind::SvmNpt);
+        }
     }
 }
 
