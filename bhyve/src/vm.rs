@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use stages::acpipm::{Pm1, ResetControl, PM1_LEN, PM1_PORT, RESET_CONTROL_LEN, RESET_CONTROL_PORT};
 use stages::misc::{
-    BootDone, DebugExit, Scratch, ScratchMem, BOOT_DONE_PORT, DEBUG_EXIT_PORT, I8042,
-    I8042_COMMAND_PORT, I8042_DATA_PORT, SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN,
-    SCRATCH_PORT_LEN, SCRATCH_SLOW_PORT,
+    Absent, BootDone, DebugExit, Scratch, ScratchMem, BOOT_DONE_PORT, COM3_BASE, COM4_BASE,
+    DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, PCI_CFA_LEN, PCI_CFA_PORT,
+    SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN, SCRATCH_PORT_LEN, SCRATCH_SLOW_PORT,
 };
 use stages::models::uart::{Uart, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN};
 use stages::pc::{MsiFn, MsiRoute, PcConfig, PcPlatform};
@@ -246,6 +246,31 @@ fn add_uart(
     Ok(())
 }
 
+/// Claims the legacy ports a guest probes on every boot where this machine has nothing (COM2 when
+/// not configured, COM3, COM4, 0xCFA–0xCFB) as a floating bus: what an unclaimed access would get,
+/// without an "unclaimed" line on stderr per probe (Linux makes 19 of them per boot).
+fn add_absent(devices: &mut Devices, com2: bool) -> Result<(), VmError> {
+    let mut ports = vec![
+        ("com3-absent", COM3_BASE, UART_LEN),
+        ("com4-absent", COM4_BASE, UART_LEN),
+        ("pci-cfa", PCI_CFA_PORT, PCI_CFA_LEN),
+    ];
+    if !com2 {
+        ports.push(("com2-absent", COM2_BASE, UART_LEN));
+    }
+    for (name, base, len) in ports {
+        devices.add(
+            name,
+            Space::Pio,
+            base,
+            len,
+            Stage::Fast,
+            Arc::new(Mutex::new(Absent)),
+        )?;
+    }
+    Ok(())
+}
+
 /// Builds the VM described by `cfg`, runs it, and returns the bhyve(8) exit status.
 pub fn run(cfg: &Config) -> Result<i32, VmError> {
     since_start_ns();
@@ -435,6 +460,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     if let Some(b) = &cfg.com2 {
         add_uart(&mut devices, "com2", COM2_BASE, b, pc.isa_line(COM2_IRQ))?;
     }
+    add_absent(&mut devices, cfg.com2.is_some())?;
     crate::pci::add_devices(&cfg.name, &cfg.pci, &machine, &mut devices, &extra)
         .map_err(VmError::Device)?;
     if cfg.test_devices {
@@ -689,5 +715,36 @@ fn print_stats(o: &vcpu_runner::RunOutcome, boot_done_ns: Option<u64>, names: &[
         if total != 0 {
             let _ = writeln!(err, "  {:<58} {total}", format!("exits to {name}"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_probes_are_claimed_silently_and_com2_only_when_absent() {
+        let mut d = Devices::new();
+        add_absent(&mut d, false).unwrap();
+        for port in [0x2f8, 0x2fd, 0x3e9, 0x3ef, 0x2e8, 0x2ee, 0xcfa, 0xcfb] {
+            let r = d
+                .bus()
+                .route(Space::Pio, port)
+                .unwrap_or_else(|| panic!("port {port:#x} unclaimed"));
+            assert_eq!(r.stage, Stage::Fast, "{port:#x}");
+            assert!(d.names()[usize::from(r.device.0)].ends_with("absent") || port >= 0xcfa);
+        }
+        // Neighbours stay free: the reset register, the PCI ports, COM1.
+        for port in [0xcf8, 0xcf9, 0xcfc, 0x3f8, 0x2f0, 0x2f7, 0x300] {
+            assert!(
+                d.bus().route(Space::Pio, port).is_none(),
+                "{port:#x} claimed"
+            );
+        }
+        // With COM2 configured its UART owns 0x2f8: no absent claim there.
+        let mut d = Devices::new();
+        add_absent(&mut d, true).unwrap();
+        assert!(d.bus().route(Space::Pio, 0x2f8).is_none());
+        assert!(d.bus().route(Space::Pio, 0x3e8).is_some());
     }
 }
