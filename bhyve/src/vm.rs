@@ -13,6 +13,7 @@ use stages::misc::{
     DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, PCI_CFA_LEN, PCI_CFA_PORT,
     SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN, SCRATCH_PORT_LEN, SCRATCH_SLOW_PORT,
 };
+use stages::models::console::{self, ConsoleWriter};
 use stages::models::uart::{Uart, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN};
 use stages::pc::{MsiFn, MsiRoute, PcConfig, PcPlatform};
 use stages::BusDevice;
@@ -95,6 +96,9 @@ impl BusDevice for SciPm1 {
     }
 }
 
+/// How long the end of a run waits for console output to reach a slow backend.
+const CONSOLE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_terminate(_sig: libc::c_int) {
@@ -172,13 +176,18 @@ impl Write for SocketOut {
 }
 
 /// Adds a UART with its backend; host input goes to the guest from a reader thread.
+///
+/// The UART's registers are a fast stage (the vCPU thread reads LSR/IIR inline instead of waiting
+/// for a device-model thread); the bytes it transmits go through a bounded ring to a writer thread
+/// `NAME-out`, which alone calls the backend (stdout, a file or a socket may block). The returned
+/// writer is finished when the VM stops, so every byte the guest wrote reaches the backend.
 fn add_uart(
     devices: &mut Devices,
     name: &str,
     base: u64,
     backend: &ConsoleBackend,
     irq: Arc<dyn stages::models::uart::IrqLine>,
-) -> Result<(), VmError> {
+) -> Result<Option<ConsoleWriter>, VmError> {
     let (out, input): (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>) = match backend {
         ConsoleBackend::Stdio => (
             Box::new(std::io::stdout()),
@@ -218,8 +227,18 @@ fn add_uart(
             (Box::new(out), None)
         }
     };
+    let (out, writer): (Box<dyn Write + Send>, _) = if matches!(backend, ConsoleBackend::Null) {
+        (out, None)
+    } else {
+        let (ring, writer) = console::spawn(&format!("{name}-out"), out, console::DEFAULT_CAPACITY)
+            .map_err(|source| VmError::Console {
+                what: format!("{name} output thread"),
+                source,
+            })?;
+        (Box::new(ring), Some(writer))
+    };
     let uart = Arc::new(Mutex::new(Uart::new(out, irq, since_start_ns)));
-    devices.add(name, Space::Pio, base, UART_LEN, Stage::Slow, uart.clone())?;
+    devices.add(name, Space::Pio, base, UART_LEN, Stage::Fast, uart.clone())?;
     if let Some(mut input) = input {
         let _ = std::thread::Builder::new()
             .name(format!("{name}-input"))
@@ -243,7 +262,7 @@ fn add_uart(
                 }
             });
     }
-    Ok(())
+    Ok(writer)
 }
 
 /// Claims the legacy ports a guest probes on every boot where this machine has nothing (COM2 when
@@ -454,11 +473,24 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         Stage::Fast,
         Arc::new(Mutex::new(ResetControl::new(requests.clone()))),
     )?;
+    let mut consoles = Vec::new();
     if let Some(b) = &cfg.com1 {
-        add_uart(&mut devices, "com1", COM1_BASE, b, pc.isa_line(COM1_IRQ))?;
+        consoles.extend(add_uart(
+            &mut devices,
+            "com1",
+            COM1_BASE,
+            b,
+            pc.isa_line(COM1_IRQ),
+        )?);
     }
     if let Some(b) = &cfg.com2 {
-        add_uart(&mut devices, "com2", COM2_BASE, b, pc.isa_line(COM2_IRQ))?;
+        consoles.extend(add_uart(
+            &mut devices,
+            "com2",
+            COM2_BASE,
+            b,
+            pc.isa_line(COM2_IRQ),
+        )?);
     }
     add_absent(&mut devices, cfg.com2.is_some())?;
     crate::pci::add_devices(&cfg.name, &cfg.pci, &machine, &mut devices, &extra)
@@ -574,6 +606,19 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         .wait()
         .ok_or_else(|| VmError::Platform("the VM was already waited for".into()));
     phase("VM stopped (vCPUs and device models joined)");
+    // Everything the guest wrote to a console reaches its backend before we report or exit.
+    for mut c in consoles {
+        let drained = c.finish(CONSOLE_DRAIN_TIMEOUT);
+        let lost = c.stats().lost.load(Ordering::Relaxed);
+        if !drained {
+            eprintln!(
+                "bhyve: console output still blocked after {CONSOLE_DRAIN_TIMEOUT:?}; the rest is dropped"
+            );
+        } else if lost > 0 {
+            eprintln!("bhyve: {lost} console bytes dropped (the backend stayed blocked)");
+        }
+    }
+    phase("console output drained");
     vm.stop_flag().store(true, Ordering::Release);
     timers_stop.store(true, Ordering::Release);
     pc.notify_timers();
