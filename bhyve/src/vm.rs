@@ -521,6 +521,21 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
             Arc::new(Mutex::new(ScratchMem::default())),
         )?;
     }
+    // Index registers: their writes only select what the next data access (an exit) reaches, so
+    // KVM may queue them instead of exiting; they reach their devices, in order, before the next
+    // exit is handled (vcpu_runner::coalesced). I/O APIC IOREGSEL (616 exits per Linux boot in the
+    // rig), PCI CONFIG_ADDRESS (194; its zone also holds 0xCF9-0xCFB), the RTC index (77).
+    for (space, base, len) in [
+        (Space::Mmio, stages::devices::ioapic::IOAPIC_BASE, 4),
+        (
+            Space::Pio,
+            u64::from(stages::devices::pci::PCI_CONFIG_ADDRESS_PORT),
+            4,
+        ),
+        (Space::Pio, u64::from(stages::devices::rtc::RTC_PORT), 1),
+    ] {
+        devices.coalesce(space, base, len)?;
+    }
     let run_cfg = RunConfig {
         pin: cfg.pin,
         trace: cfg.trace_enabled.unwrap_or(cfg.trace_file.is_some()),

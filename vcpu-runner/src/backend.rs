@@ -267,6 +267,14 @@ pub trait Vm: Send + Sync {
     /// I/O APIC this is also how the backend learns which vectors are level-triggered I/O APIC
     /// vectors, whose EOIs it must report (`VmExit::IoapicEoi`).
     fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError>;
+    /// Coalesces the guest's writes to `zone`: the hypervisor appends them to the VM's ring
+    /// (read with [`Vcpu::map_coalesced_ring`]) instead of exiting. `Err` when it cannot; the writes
+    /// then exit as usual. Register only after the ring is mapped, and only zones whose every
+    /// address belongs to a fast device (or nobody).
+    fn register_coalesced(
+        &self,
+        zone: &crate::coalesced::CoalescedZone,
+    ) -> Result<(), BackendError>;
     /// Absorbs guest writes of any width to MMIO `addr` in the hypervisor: each signals `fd`
     /// instead of exiting to us (a virtio notify costs no userspace exit).
     fn register_ioeventfd(
@@ -293,6 +301,10 @@ pub trait Vcpu: Send {
     /// The CPUID leaf `function`/`index` this vCPU's guest sees, as `[eax, ebx, ecx, edx]`
     /// (`None` if the table has no such leaf).
     fn cpuid(&self, function: u32, index: u32) -> Result<Option<[u32; 4]>, BackendError>;
+    /// Maps the VM's coalesced-write ring through this vCPU (`None` if the hypervisor has none).
+    fn map_coalesced_ring(
+        &mut self,
+    ) -> Result<Option<crate::coalesced::CoalescedRing>, BackendError>;
     /// Arms or clears `immediate_exit` (a pending kick makes the next `run` return at once).
     fn set_immediate_exit(&mut self, on: bool);
     /// The address of the `immediate_exit` byte, for a signal handler on this vCPU's thread.

@@ -10,6 +10,7 @@ use crate::backend::{
     BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, MpState, Regs, Segment,
     SpecialRegs, Vcpu, VirtKind, Vm, VmExit,
 };
+use crate::coalesced::{CoalescedRing, CoalescedZone};
 use crate::cpuid::CpuidFeatures;
 
 /// Detects what virtualizes guests on this host, from the loaded modules and the CPU's own CPUID
@@ -92,6 +93,10 @@ pub struct KvmHypervisor {
     cpuid: CpuId,
     /// `KVM_CAP_TSC_DEADLINE_TIMER`: the in-kernel LAPIC emulates the TSC-deadline MSR.
     tsc_deadline: bool,
+    /// `KVM_CAP_COALESCED_MMIO`: the page offset of the coalesced ring in a vCPU fd (0: none).
+    coalesced_page: u32,
+    /// `KVM_CAP_COALESCED_PIO`: port zones too.
+    coalesced_pio: bool,
 }
 
 impl KvmHypervisor {
@@ -123,11 +128,16 @@ impl KvmHypervisor {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| BackendError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let coalesced_page =
+            u32::try_from(kvm.check_extension_int(Cap::CoalescedMmio)).unwrap_or(0);
+        let coalesced_pio = coalesced_page != 0 && kvm.check_extension(Cap::CoalescedPio);
         Ok(Self {
             kvm,
             caps,
             cpuid,
             tsc_deadline,
+            coalesced_page,
+            coalesced_pio,
         })
     }
 
@@ -164,6 +174,8 @@ impl Hypervisor for KvmHypervisor {
             vm,
             cpuid: self.cpuid.clone(),
             features: self.cpuid_features(split_irqchip_pins.is_some()),
+            coalesced_page: self.coalesced_page,
+            coalesced_pio: self.coalesced_pio,
         })
     }
 }
@@ -174,6 +186,8 @@ pub struct KvmVm {
     vm: VmFd,
     cpuid: CpuId,
     features: CpuidFeatures,
+    coalesced_page: u32,
+    coalesced_pio: bool,
 }
 
 impl Vm for KvmVm {
@@ -207,7 +221,10 @@ impl Vm for KvmVm {
         crate::cpuid::apply_policy(&mut cpuid, id, self.features);
         fd.set_cpuid2(&cpuid)
             .map_err(|e| BackendError::ioctl("KVM_SET_CPUID2", e))?;
-        Ok(KvmVcpu { fd })
+        Ok(KvmVcpu {
+            fd,
+            coalesced_page: self.coalesced_page,
+        })
     }
 
     fn signal_msi(&self, addr: u64, data: u32) -> Result<(), BackendError> {
@@ -221,6 +238,23 @@ impl Vm for KvmVm {
             .signal_msi(msi)
             .map(|_| ())
             .map_err(|e| BackendError::ioctl("KVM_SIGNAL_MSI", e))
+    }
+
+    fn register_coalesced(&self, zone: &CoalescedZone) -> Result<(), BackendError> {
+        if self.coalesced_page == 0 {
+            return Err(BackendError::Missing("KVM_CAP_COALESCED_MMIO"));
+        }
+        if zone.pio && !self.coalesced_pio {
+            return Err(BackendError::Missing("KVM_CAP_COALESCED_PIO"));
+        }
+        let addr = if zone.pio {
+            kvm_ioctls::IoEventAddress::Pio(zone.addr)
+        } else {
+            kvm_ioctls::IoEventAddress::Mmio(zone.addr)
+        };
+        self.vm
+            .register_coalesced_mmio(addr, zone.len)
+            .map_err(|e| BackendError::ioctl("KVM_REGISTER_COALESCED_MMIO", e))
     }
 
     fn register_ioeventfd(
@@ -266,6 +300,7 @@ impl Vm for KvmVm {
 #[derive(Debug)]
 pub struct KvmVcpu {
     fd: VcpuFd,
+    coalesced_page: u32,
 }
 
 fn to_kvm_seg(s: &Segment) -> kvm_segment {
@@ -481,6 +516,42 @@ impl Vcpu for KvmVcpu {
             }
             other => MpState::Other(other),
         })
+    }
+
+    fn map_coalesced_ring(&mut self) -> Result<Option<CoalescedRing>, BackendError> {
+        if self.coalesced_page == 0 {
+            return Ok(None);
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| BackendError::Invalid("page size".into()))?;
+        let offset = libc::off_t::try_from(self.coalesced_page as usize * page)
+            .map_err(|_| BackendError::Invalid("coalesced ring offset".into()))?;
+        // SAFETY: maps one page of the vCPU fd at the offset KVM_CAP_COALESCED_MMIO names; the
+        // result is checked below and owned by the ring from then on.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(BackendError::ioctl(
+                "mmap(coalesced MMIO ring)",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `p` is a fresh mapping of `page` bytes of the ring, handed over to the ring.
+        let ring = unsafe { CoalescedRing::from_mapping(p.cast(), page) };
+        if ring.is_none() {
+            // SAFETY: the mapping made above, not handed to anyone.
+            unsafe { libc::munmap(p, page) };
+        }
+        Ok(ring)
     }
 
     fn cpuid(&self, function: u32, index: u32) -> Result<Option<[u32; 4]>, BackendError> {
