@@ -295,11 +295,12 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     since_start_ns();
     install_signal_handlers();
     let kernel = read_file("kernel", &cfg.kernel)?;
-    phase("images read");
+    phase("kernel read");
     let initrd = match &cfg.initrd {
         Some(p) => Some(read_file("initrd", p)?),
         None => None,
     };
+    phase("initrd read");
     let hv = KvmHypervisor::open()?;
     phase("/dev/kvm opened");
     // kldload vmm: the module, embedded in this process (bhyve(8) on a host where vmm.ko is
@@ -343,6 +344,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         vcpu_runner::MachineError::Memory { why, .. } => VmError::Memory { asked: mib, why },
         other => other.into(),
     })?;
+    phase("guest memory mapped");
     let mem = machine.memory();
     // ACPI tables describe the platform (MADT for every vCPU, FADT with PM1/reset, HPET, MCFG,
     // DSDT with the COM ports): as bhyve(8) always does now, they are always built.
@@ -355,6 +357,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         source,
     })?;
     boot.rsdp_addr = Some(rsdp);
+    phase("ACPI tables built");
     let loaded = match cfg.protocol {
         BootProtocol::Auto => loader::load_kernel(mem, &kernel, &boot),
         BootProtocol::Linux => loader::load_linux(mem, &kernel, &boot),
