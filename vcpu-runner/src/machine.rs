@@ -145,13 +145,22 @@ impl Devices {
             addr: base,
             len,
         };
+        self.check_zone(&zone)?;
+        self.coalesced.push(zone);
+        Ok(())
+    }
+
+    /// Whether every address of `zone` belongs to a fast device or to nobody.
+    fn check_zone(&self, zone: &CoalescedZone) -> Result<(), MachineError> {
+        let space = if zone.pio { Space::Pio } else { Space::Mmio };
+        let (base, len) = (zone.addr, zone.len);
         let bad = |why: &str| {
             MachineError::Coalesced(format!("coalesced zone {space} {base:#x}+{len}: {why}"))
         };
-        if len == 0 || base.checked_add(u64::from(len)).is_none() {
+        let Some(end) = base.checked_add(u64::from(len)).filter(|_| len != 0) else {
             return Err(bad("empty or past the end of the space"));
-        }
-        for addr in base..base + u64::from(len) {
+        };
+        for addr in base..end {
             if let Some(r) = self.bus.route(space, addr) {
                 if r.stage != Stage::Fast {
                     return Err(bad(&format!(
@@ -163,7 +172,6 @@ impl Devices {
                 }
             }
         }
-        self.coalesced.push(zone);
         Ok(())
     }
 
@@ -502,6 +510,10 @@ where
         requests: Arc<VmRequests>,
         cfg: &RunConfig,
     ) -> Result<RunningVm<H>, MachineError> {
+        // A device registered after its zone may have landed in it: check again.
+        for z in &devices.coalesced {
+            devices.check_zone(z)?;
+        }
         install_kick_handler();
         let platform = Arc::new(Platform {
             bus: devices.bus,
@@ -1028,6 +1040,20 @@ mod tests {
             d.coalesce(Space::Mmio, u64::MAX, 4).is_err(),
             "past the end"
         );
+        // A slow device registered later inside the zone is caught by the check `start` repeats.
+        let mut late = Devices::new();
+        late.coalesce(Space::Pio, 0x70, 1).unwrap();
+        late.add(
+            "late",
+            Space::Pio,
+            0x70,
+            2,
+            Stage::Slow,
+            Arc::new(Mutex::new(Nop)),
+        )
+        .unwrap();
+        let z = late.coalesced_zones()[0];
+        assert!(late.check_zone(&z).is_err());
         assert_eq!(
             d.coalesced_zones(),
             &[CoalescedZone {
