@@ -48,6 +48,21 @@ pub enum VmError {
     /// The module refused (tunables, capabilities, hw.vmm.maxcpu, the VM's name).
     #[error("{0}")]
     Module(#[from] kmod::VmmError),
+    /// The initrd does not fit in guest memory beside the kernel.
+    #[error(
+        "Cannot load initrd {path} ({size_mib} MiB): it does not fit in the {mem_mib} MiB of guest memory beside the kernel ({source})"
+    )]
+    InitrdTooLarge {
+        /// Path.
+        path: String,
+        /// Its size in MiB (rounded up).
+        size_mib: u64,
+        /// Guest memory in MiB.
+        mem_mib: u64,
+        /// Loader's reason.
+        #[source]
+        source: loader::LoaderError,
+    },
     /// Memory that cannot be had.
     #[error("Guest memory of {asked} MiB (-m) cannot be had: {why}")]
     Memory {
@@ -364,9 +379,22 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         BootProtocol::Pvh => loader::load_pvh(mem, &kernel, &boot),
         BootProtocol::Multiboot => loader::load_multiboot(mem, &kernel, &boot),
     }
-    .map_err(|source| VmError::Load {
-        path: cfg.kernel.display().to_string(),
-        source,
+    .map_err(|source| match (&cfg.initrd, &initrd, &source) {
+        (
+            Some(p),
+            Some(bytes),
+            loader::LoaderError::ModuleNoRoom { index: 0, .. }
+            | loader::LoaderError::InitrdLargerThanRam { .. },
+        ) => VmError::InitrdTooLarge {
+            path: p.display().to_string(),
+            size_mib: (bytes.len() as u64).div_ceil(1 << 20),
+            mem_mib: mib,
+            source,
+        },
+        _ => VmError::Load {
+            path: cfg.kernel.display().to_string(),
+            source,
+        },
     })?;
     let entry = EntryRegs::from(&loaded.entry);
     phase("memory mapped, kernel loaded");
