@@ -192,10 +192,16 @@ impl Write for SocketOut {
 
 /// Adds a UART with its backend; host input goes to the guest from a reader thread.
 ///
-/// The UART's registers are a fast stage (the vCPU thread reads LSR/IIR inline instead of waiting
-/// for a device-model thread); the bytes it transmits go through a bounded ring to a writer thread
-/// `NAME-out`, which alone calls the backend (stdout, a file or a socket may block). The returned
-/// writer is finished when the VM stops, so every byte the guest wrote reaches the backend.
+/// The UART is a slow stage (its registers are served by the device-model thread); the bytes it
+/// transmits go through a bounded ring to a writer thread `NAME-out`, which alone calls the backend
+/// (stdout, a file or a socket may block), so a slow backend stalls neither a vCPU nor the
+/// device-model thread. The returned writer is finished when the VM stops, so every byte the guest
+/// wrote reaches the backend.
+///
+/// The UART as a fast stage (registers on the vCPU thread: no LSR read waits for a device-model
+/// wake-up) was measured and backed out: in the emulated-SVM rig, guests then triple-faulted or took
+/// L1 down during heavy serial output (verbose boots, dmesg dumps: 5 of about 30 such boots, none of
+/// about 15 without it). See docs/perf-linux.md, "Open issues".
 fn add_uart(
     devices: &mut Devices,
     name: &str,
@@ -253,7 +259,7 @@ fn add_uart(
         (Box::new(ring), Some(writer))
     };
     let uart = Arc::new(Mutex::new(Uart::new(out, irq, since_start_ns)));
-    devices.add(name, Space::Pio, base, UART_LEN, Stage::Fast, uart.clone())?;
+    devices.add(name, Space::Pio, base, UART_LEN, Stage::Slow, uart.clone())?;
     if let Some(mut input) = input {
         let _ = std::thread::Builder::new()
             .name(format!("{name}-input"))

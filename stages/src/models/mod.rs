@@ -1,7 +1,6 @@
-//! Device models of the bhyve(8) side. The 16550 UART runs as a fast stage on the vCPU thread (its
-//! register file is cheap; only its output may block, and that goes through [`console`]'s bounded
-//! ring to a writer thread); other models run on the device-model thread, reached over the per-CPU
-//! exit rings.
+//! Slow-stage device models (the bhyve(8) side): they run on the device-model thread, reached over the
+//! per-CPU exit rings. The 16550 UART's output goes on through [`console`]'s bounded ring to a writer
+//! thread, so a backend that blocks stalls no device-model thread.
 
 pub mod console;
 pub mod uart;
