@@ -9,10 +9,11 @@ use std::time::Instant;
 
 use stages::acpipm::{Pm1, ResetControl, PM1_LEN, PM1_PORT, RESET_CONTROL_LEN, RESET_CONTROL_PORT};
 use stages::misc::{
-    BootDone, DebugExit, Scratch, ScratchMem, BOOT_DONE_PORT, DEBUG_EXIT_PORT, I8042,
-    I8042_COMMAND_PORT, I8042_DATA_PORT, SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN,
-    SCRATCH_PORT_LEN, SCRATCH_SLOW_PORT,
+    Absent, BootDone, DebugExit, Scratch, ScratchMem, BOOT_DONE_PORT, COM3_BASE, COM4_BASE,
+    DEBUG_EXIT_PORT, I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, PCI_CFA_LEN, PCI_CFA_PORT,
+    SCRATCH_FAST_PORT, SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN, SCRATCH_PORT_LEN, SCRATCH_SLOW_PORT,
 };
+use stages::models::console::{self, ConsoleWriter};
 use stages::models::uart::{Uart, COM1_BASE, COM1_IRQ, COM2_BASE, COM2_IRQ, UART_LEN};
 use stages::pc::{MsiFn, MsiRoute, PcConfig, PcPlatform};
 use stages::BusDevice;
@@ -47,6 +48,21 @@ pub enum VmError {
     /// The module refused (tunables, capabilities, hw.vmm.maxcpu, the VM's name).
     #[error("{0}")]
     Module(#[from] kmod::VmmError),
+    /// The initrd does not fit in guest memory beside the kernel.
+    #[error(
+        "Cannot load initrd {path} ({size_mib} MiB): it does not fit in the {mem_mib} MiB of guest memory beside the kernel ({source})"
+    )]
+    InitrdTooLarge {
+        /// Path.
+        path: String,
+        /// Its size in MiB (rounded up).
+        size_mib: u64,
+        /// Guest memory in MiB.
+        mem_mib: u64,
+        /// Loader's reason.
+        #[source]
+        source: loader::LoaderError,
+    },
     /// Memory that cannot be had.
     #[error("Guest memory of {asked} MiB (-m) cannot be had: {why}")]
     Memory {
@@ -94,6 +110,9 @@ impl BusDevice for SciPm1 {
             .set_irq(stages::acpipm::SCI_IRQ, self.pm1.sci_level());
     }
 }
+
+/// How long the end of a run waits for console output to reach a slow backend.
+const CONSOLE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -172,13 +191,24 @@ impl Write for SocketOut {
 }
 
 /// Adds a UART with its backend; host input goes to the guest from a reader thread.
+///
+/// The UART is a slow stage (its registers are served by the device-model thread); the bytes it
+/// transmits go through a bounded ring to a writer thread `NAME-out`, which alone calls the backend
+/// (stdout, a file or a socket may block), so a slow backend stalls neither a vCPU nor the
+/// device-model thread. The returned writer is finished when the VM stops, so every byte the guest
+/// wrote reaches the backend.
+///
+/// The UART as a fast stage (registers on the vCPU thread: no LSR read waits for a device-model
+/// wake-up) was measured and backed out: in the emulated-SVM rig, guests then triple-faulted or took
+/// L1 down during heavy serial output (verbose boots, dmesg dumps: 5 of about 30 such boots, none of
+/// about 15 without it). See docs/perf-linux.md, "Open issues".
 fn add_uart(
     devices: &mut Devices,
     name: &str,
     base: u64,
     backend: &ConsoleBackend,
     irq: Arc<dyn stages::models::uart::IrqLine>,
-) -> Result<(), VmError> {
+) -> Result<Option<ConsoleWriter>, VmError> {
     let (out, input): (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>) = match backend {
         ConsoleBackend::Stdio => (
             Box::new(std::io::stdout()),
@@ -218,6 +248,16 @@ fn add_uart(
             (Box::new(out), None)
         }
     };
+    let (out, writer): (Box<dyn Write + Send>, _) = if matches!(backend, ConsoleBackend::Null) {
+        (out, None)
+    } else {
+        let (ring, writer) = console::spawn(&format!("{name}-out"), out, console::DEFAULT_CAPACITY)
+            .map_err(|source| VmError::Console {
+                what: format!("{name} output thread"),
+                source,
+            })?;
+        (Box::new(ring), Some(writer))
+    };
     let uart = Arc::new(Mutex::new(Uart::new(out, irq, since_start_ns)));
     devices.add(name, Space::Pio, base, UART_LEN, Stage::Slow, uart.clone())?;
     if let Some(mut input) = input {
@@ -243,6 +283,31 @@ fn add_uart(
                 }
             });
     }
+    Ok(writer)
+}
+
+/// Claims the legacy ports a guest probes on every boot where this machine has nothing (COM2 when
+/// not configured, COM3, COM4, 0xCFA–0xCFB) as a floating bus: what an unclaimed access would get,
+/// without an "unclaimed" line on stderr per probe (Linux makes 19 of them per boot).
+fn add_absent(devices: &mut Devices, com2: bool) -> Result<(), VmError> {
+    let mut ports = vec![
+        ("com3-absent", COM3_BASE, UART_LEN),
+        ("com4-absent", COM4_BASE, UART_LEN),
+        ("pci-cfa", PCI_CFA_PORT, PCI_CFA_LEN),
+    ];
+    if !com2 {
+        ports.push(("com2-absent", COM2_BASE, UART_LEN));
+    }
+    for (name, base, len) in ports {
+        devices.add(
+            name,
+            Space::Pio,
+            base,
+            len,
+            Stage::Fast,
+            Arc::new(Mutex::new(Absent)),
+        )?;
+    }
     Ok(())
 }
 
@@ -251,11 +316,12 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     since_start_ns();
     install_signal_handlers();
     let kernel = read_file("kernel", &cfg.kernel)?;
-    phase("images read");
+    phase("kernel read");
     let initrd = match &cfg.initrd {
         Some(p) => Some(read_file("initrd", p)?),
         None => None,
     };
+    phase("initrd read");
     let hv = KvmHypervisor::open()?;
     phase("/dev/kvm opened");
     // kldload vmm: the module, embedded in this process (bhyve(8) on a host where vmm.ko is
@@ -299,6 +365,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         vcpu_runner::MachineError::Memory { why, .. } => VmError::Memory { asked: mib, why },
         other => other.into(),
     })?;
+    phase("guest memory mapped");
     let mem = machine.memory();
     // ACPI tables describe the platform (MADT for every vCPU, FADT with PM1/reset, HPET, MCFG,
     // DSDT with the COM ports): as bhyve(8) always does now, they are always built.
@@ -314,15 +381,29 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         source,
     })?;
     boot.rsdp_addr = Some(rsdp);
+    phase("ACPI tables built");
     let loaded = match cfg.protocol {
         BootProtocol::Auto => loader::load_kernel(mem, &kernel, &boot),
         BootProtocol::Linux => loader::load_linux(mem, &kernel, &boot),
         BootProtocol::Pvh => loader::load_pvh(mem, &kernel, &boot),
         BootProtocol::Multiboot => loader::load_multiboot(mem, &kernel, &boot),
     }
-    .map_err(|source| VmError::Load {
-        path: cfg.kernel.display().to_string(),
-        source,
+    .map_err(|source| match (&cfg.initrd, &initrd, &source) {
+        (
+            Some(p),
+            Some(bytes),
+            loader::LoaderError::ModuleNoRoom { index: 0, .. }
+            | loader::LoaderError::InitrdLargerThanRam { .. },
+        ) => VmError::InitrdTooLarge {
+            path: p.display().to_string(),
+            size_mib: (bytes.len() as u64).div_ceil(1 << 20),
+            mem_mib: mib,
+            source,
+        },
+        _ => VmError::Load {
+            path: cfg.kernel.display().to_string(),
+            source,
+        },
     })?;
     let entry = EntryRegs::from(&loaded.entry);
     phase("memory mapped, kernel loaded");
@@ -438,12 +519,26 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         Stage::Fast,
         Arc::new(Mutex::new(ResetControl::new(requests.clone()))),
     )?;
+    let mut consoles = Vec::new();
     if let Some(b) = &cfg.com1 {
-        add_uart(&mut devices, "com1", COM1_BASE, b, pc.isa_line(COM1_IRQ))?;
+        consoles.extend(add_uart(
+            &mut devices,
+            "com1",
+            COM1_BASE,
+            b,
+            pc.isa_line(COM1_IRQ),
+        )?);
     }
     if let Some(b) = &cfg.com2 {
-        add_uart(&mut devices, "com2", COM2_BASE, b, pc.isa_line(COM2_IRQ))?;
+        consoles.extend(add_uart(
+            &mut devices,
+            "com2",
+            COM2_BASE,
+            b,
+            pc.isa_line(COM2_IRQ),
+        )?);
     }
+    add_absent(&mut devices, cfg.com2.is_some())?;
     // Platform MMIO inside the PCI window that BARs must not take.
     let reserved: Vec<(u64, u64)> = if cfg.test_devices {
         vec![(SCRATCH_MMIO_BASE, SCRATCH_MMIO_LEN)]
@@ -489,6 +584,21 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
             Stage::Slow,
             Arc::new(Mutex::new(ScratchMem::default())),
         )?;
+    }
+    // Index registers: their writes only select what the next data access (an exit) reaches, so
+    // KVM may queue them instead of exiting; they reach their devices, in order, before the next
+    // exit is handled (vcpu_runner::coalesced). I/O APIC IOREGSEL (616 exits per Linux boot in the
+    // rig), PCI CONFIG_ADDRESS (194; its zone also holds 0xCF9-0xCFB), the RTC index (77).
+    for (space, base, len) in [
+        (Space::Mmio, stages::devices::ioapic::IOAPIC_BASE, 4),
+        (
+            Space::Pio,
+            u64::from(stages::devices::pci::PCI_CONFIG_ADDRESS_PORT),
+            4,
+        ),
+        (Space::Pio, u64::from(stages::devices::rtc::RTC_PORT), 1),
+    ] {
+        devices.coalesce(space, base, len)?;
     }
     let run_cfg = RunConfig {
         pin: cfg.pin,
@@ -575,6 +685,19 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         .wait()
         .ok_or_else(|| VmError::Platform("the VM was already waited for".into()));
     phase("VM stopped (vCPUs and device models joined)");
+    // Everything the guest wrote to a console reaches its backend before we report or exit.
+    for mut c in consoles {
+        let drained = c.finish(CONSOLE_DRAIN_TIMEOUT);
+        let lost = c.stats().lost.load(Ordering::Relaxed);
+        if !drained {
+            eprintln!(
+                "bhyve: console output still blocked after {CONSOLE_DRAIN_TIMEOUT:?}; the rest is dropped"
+            );
+        } else if lost > 0 {
+            eprintln!("bhyve: {lost} console bytes dropped (the backend stayed blocked)");
+        }
+    }
+    phase("console output drained");
     vm.stop_flag().store(true, Ordering::Release);
     timers_stop.store(true, Ordering::Release);
     pc.notify_timers();
@@ -763,5 +886,36 @@ fn print_pci_stats(pci: &crate::pci::PciSetup, routes: &vcpu_runner::GsiRoutes) 
         for (what, v) in rows {
             let _ = writeln!(err, "  {what:<58} {v}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_probes_are_claimed_silently_and_com2_only_when_absent() {
+        let mut d = Devices::new();
+        add_absent(&mut d, false).unwrap();
+        for port in [0x2f8, 0x2fd, 0x3e9, 0x3ef, 0x2e8, 0x2ee, 0xcfa, 0xcfb] {
+            let r = d
+                .bus()
+                .route(Space::Pio, port)
+                .unwrap_or_else(|| panic!("port {port:#x} unclaimed"));
+            assert_eq!(r.stage, Stage::Fast, "{port:#x}");
+            assert!(d.names()[usize::from(r.device.0)].ends_with("absent") || port >= 0xcfa);
+        }
+        // Neighbours stay free: the reset register, the PCI ports, COM1.
+        for port in [0xcf8, 0xcf9, 0xcfc, 0x3f8, 0x2f0, 0x2f7, 0x300] {
+            assert!(
+                d.bus().route(Space::Pio, port).is_none(),
+                "{port:#x} claimed"
+            );
+        }
+        // With COM2 configured its UART owns 0x2f8: no absent claim there.
+        let mut d = Devices::new();
+        add_absent(&mut d, true).unwrap();
+        assert!(d.bus().route(Space::Pio, 0x2f8).is_none());
+        assert!(d.bus().route(Space::Pio, 0x3e8).is_some());
     }
 }

@@ -232,7 +232,10 @@ fn bad_input_is_status_4_with_a_message_naming_it() {
         &format!("boot.initrd={}", big.display()),
         "x",
     ]);
-    assert!(e.contains("Cannot load kernel"), "{e}");
+    assert!(
+        e.contains("Cannot load initrd") && e.contains("big.initrd") && e.contains("8 MiB"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -14,6 +14,31 @@ pub const I8042_DATA_PORT: u64 = 0x60;
 /// The i8042 command/status port (0x61, between them, is the PIT's port 0x61).
 pub const I8042_COMMAND_PORT: u64 = 0x64;
 
+/// Legacy ports a guest is expected to probe where this machine has nothing: the COM3/COM4 bases
+/// (and COM2's when it is not configured), whose whole 8-port window Linux's 8250 driver probes on
+/// every boot, and 0xCFA–0xCFB beside the PCI configuration address (Linux's mechanism #1 probe
+/// writes a byte to 0xCFB).
+pub const COM3_BASE: u64 = 0x3e8;
+/// Base port of COM4.
+pub const COM4_BASE: u64 = 0x2e8;
+/// The two ports between the reset control register 0xCF9 and the PCI data port 0xCFC.
+pub const PCI_CFA_PORT: u64 = 0xcfa;
+/// Length of the window at [`PCI_CFA_PORT`].
+pub const PCI_CFA_LEN: u64 = 2;
+
+/// A claimed window with nothing behind it (a floating ISA bus): reads are all-ones, writes are
+/// dropped — exactly what an unclaimed access gets, without the "unclaimed" log line. For ports a
+/// guest probes on every boot, whose silence is expected.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Absent;
+
+impl BusDevice for Absent {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
 /// A write of `v` ends the VM with status `(v << 1) | 1`.
 #[derive(Debug)]
 pub struct DebugExit {
@@ -214,6 +239,24 @@ impl BusDevice for ScratchMem {
 #[cfg(test)]
 mod scratch_tests {
     use super::*;
+
+    #[test]
+    fn absent_reads_all_ones_and_ignores_writes() {
+        let mut a = Absent;
+        for len in [1usize, 2, 4] {
+            let mut d = vec![0u8; len];
+            a.read(1, &mut d);
+            assert!(d.iter().all(|&b| b == 0xff), "{len}-byte read: {d:?}");
+        }
+        a.write(0, &[0x80]);
+        let mut d = [0u8];
+        a.read(0, &mut d);
+        assert_eq!(
+            d,
+            [0xff],
+            "a written value does not stick (no scratch register)"
+        );
+    }
 
     #[test]
     fn scratch_counts_and_echoes() {

@@ -283,6 +283,14 @@ pub trait Vm: Send + Sync {
         fd: &vmm_sys_util::eventfd::EventFd,
         gsi: u32,
     ) -> Result<(), BackendError>;
+    /// Coalesces the guest's writes to `zone`: the hypervisor appends them to the VM's ring
+    /// (read with [`Vcpu::map_coalesced_ring`]) instead of exiting. `Err` when it cannot; the writes
+    /// then exit as usual. Register only after the ring is mapped, and only zones whose every
+    /// address belongs to a fast device (or nobody).
+    fn register_coalesced(
+        &self,
+        zone: &crate::coalesced::CoalescedZone,
+    ) -> Result<(), BackendError>;
     /// Absorbs guest writes of any width to MMIO `addr` in the hypervisor: each signals `fd`
     /// instead of exiting to us (a virtio notify costs no userspace exit).
     fn register_ioeventfd(
@@ -312,6 +320,13 @@ pub trait Vcpu: Send {
     fn sregs(&self) -> Result<SpecialRegs, BackendError>;
     /// The scheduling state (halted, runnable, waiting for SIPI).
     fn mp_state(&self) -> Result<MpState, BackendError>;
+    /// The CPUID leaf `function`/`index` this vCPU's guest sees, as `[eax, ebx, ecx, edx]`
+    /// (`None` if the table has no such leaf).
+    fn cpuid(&self, function: u32, index: u32) -> Result<Option<[u32; 4]>, BackendError>;
+    /// Maps the VM's coalesced-write ring through this vCPU (`None` if the hypervisor has none).
+    fn map_coalesced_ring(
+        &mut self,
+    ) -> Result<Option<crate::coalesced::CoalescedRing>, BackendError>;
     /// Arms or clears `immediate_exit` (a pending kick makes the next `run` return at once).
     fn set_immediate_exit(&mut self, on: bool);
     /// The address of the `immediate_exit` byte, for a signal handler on this vCPU's thread.

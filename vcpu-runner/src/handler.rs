@@ -4,7 +4,7 @@
 //! hand-made exits. The borrowed exit data never leaves this function: what crosses to the device-model
 //! side is an owned [`ExitRecord`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pipeline::{CompletionRecord, ExitKind, ExitRecord};
@@ -13,6 +13,7 @@ use stages::platform::{le_value, put_le_value};
 use stages::{Bus, BusDevice, DeviceId, EoiSink, Route, Space, Stage, VmRequest, VmRequests};
 
 use crate::backend::VmExit;
+use crate::coalesced::{CoalescedRing, CoalescedZone};
 use crate::ratelimit::RateLimit;
 use crate::stats::{Stat, VcpuStats};
 use perf::{ExitClass, StageClass, VcpuProbe, NO_OWNER};
@@ -64,6 +65,10 @@ pub struct Platform {
     pub requests: Arc<VmRequests>,
     /// Where I/O APIC EOIs go (the in-module interrupt controller), if there is one.
     pub eoi: Option<Arc<dyn EoiSink>>,
+    /// Zones whose writes the hypervisor coalesces (registered once the ring is mapped).
+    pub coalesced_zones: Vec<CoalescedZone>,
+    /// The VM's coalesced-write ring, once a vCPU has mapped it.
+    pub coalesced: OnceLock<CoalescedRing>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -155,8 +160,51 @@ impl<S: SlowPath> ExitHandler<S> {
         self.platform.requests.pending()
     }
 
+    /// Applies the writes the hypervisor coalesced since the last drain, oldest first, to their
+    /// (fast) devices. Every exit does this before handling its own access; the run loop also does
+    /// it on a kick and before the vCPU pauses or stops.
+    #[inline]
+    pub fn drain_coalesced(&self) {
+        let Some(ring) = self.platform.coalesced.get() else {
+            return;
+        };
+        if ring.is_empty() {
+            return;
+        }
+        let platform = &*self.platform;
+        let stats = &self.stats;
+        let drained = ring.drain(|w| {
+            let space = if w.pio { Space::Pio } else { Space::Mmio };
+            let dev = platform
+                .bus
+                .route(space, w.addr)
+                .filter(|r| r.stage == Stage::Fast)
+                .and_then(|r| {
+                    Some((
+                        r.offset,
+                        platform.fast.get(usize::from(r.device.0))?.as_ref()?,
+                    ))
+                });
+            match dev {
+                Some((offset, dev)) => {
+                    stats.inc(Stat::CoalescedWrite);
+                    lock(dev).write(offset, w.bytes());
+                }
+                // Zones are checked to hold fast devices only; the rest is nobody's (dropped).
+                None => stats.inc(Stat::UnclaimedWrite),
+            }
+        });
+        if let Err(e) = drained {
+            self.stats.inc(Stat::SlowPathError);
+            eprintln!("vcpu {}: coalesced-write ring: {e:?}", self.vcpu);
+        }
+    }
+
     /// Handles one exit.
     pub fn handle(&mut self, exit: VmExit<'_>) -> Action {
+        // The writes the guest made before this exit reach their devices first (an index register
+        // written before this data access).
+        self.drain_coalesced();
         self.stats.inc(Stat::VmExitTotal);
         let action = match exit {
             VmExit::IoIn { port, data } => {
@@ -526,6 +574,8 @@ mod tests {
             names: vec!["pit".into(), "com1".into()],
             requests: Arc::new(VmRequests::new()),
             eoi: Some(eoi.clone()),
+            coalesced_zones: Vec::new(),
+            coalesced: OnceLock::new(),
         });
         let probe = VcpuProbe::new(
             0,
@@ -710,6 +760,38 @@ mod tests {
         assert_eq!((r.kind, r.offset), (ExitKind::MmioWrite, 0x14));
         assert_eq!(h.stats().get(Stat::SlowWaited), 1);
         assert_eq!(h.stats().get(Stat::SlowPosted), 0);
+    }
+
+    #[test]
+    fn coalesced_writes_are_applied_in_order_before_the_exit_that_follows() {
+        use crate::coalesced::{CoalescedRing, CoalescedWrite};
+        let (mut h, fast, _) = handler(FakeSlow::default());
+        let ring = CoalescedRing::simulated(4096);
+        let w = |port: u64, v: u8| CoalescedWrite {
+            pio: true,
+            addr: port,
+            len: 1,
+            data: [v, 0, 0, 0, 0, 0, 0, 0],
+        };
+        // Reg stores value + offset: the last write wins, so order shows.
+        assert!(ring.push(w(0x41, 5)));
+        assert!(ring.push(w(0x40, 9)));
+        assert!(ring.push(w(0x9000, 1))); // nobody's: dropped and counted
+        h.platform.coalesced.set(ring).unwrap();
+        let mut d = [0u8; 1];
+        h.handle(VmExit::IoIn {
+            port: 0x40,
+            data: &mut d,
+        });
+        assert_eq!(d, [9], "the read saw both writes, in order");
+        assert_eq!(h.stats().get(Stat::CoalescedWrite), 2);
+        assert_eq!(h.stats().get(Stat::UnclaimedWrite), 1);
+        assert_eq!(h.stats().get(Stat::FastStage), 1, "one exit, the read");
+        assert!(h.platform.coalesced.get().unwrap().is_empty());
+        // Draining on its own (kick, pause, stop) applies what came since.
+        h.platform.coalesced.get().unwrap().push(w(0x40, 3));
+        h.drain_coalesced();
+        assert_eq!(fast.lock().unwrap().0, 3);
     }
 
     #[test]

@@ -10,8 +10,11 @@ use crate::backend::{
     BackendError, Capabilities, DescriptorTable, EntryRegs, Hypervisor, MpState, Regs, Segment,
     SpecialRegs, Vcpu, VirtKind, Vm, VmExit,
 };
+use crate::coalesced::{CoalescedRing, CoalescedZone};
+use crate::cpuid::CpuidFeatures;
 
-/// Detects what virtualizes guests on this host, from the loaded modules and the CPU flags.
+/// Detects what virtualizes guests on this host, from the loaded modules and the CPU's own CPUID
+/// (not `/proc/cpuinfo`: reading and parsing it took ~120 ms of start-up under emulation).
 pub fn detect_virt() -> VirtKind {
     // Software virtualizers behind the KVM API announce themselves as a module.
     for m in ["kvm_pvm"] {
@@ -19,21 +22,66 @@ pub fn detect_virt() -> VirtKind {
             return VirtKind::Software(m.to_string());
         }
     }
-    let flags = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("flags"))
-                .map(|l| l.to_string())
-        })
-        .unwrap_or_default();
-    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
-    if has("vmx") {
+    use core::arch::x86_64::__cpuid;
+    // Leaves above the reported maximum are not asked for.
+    let leaf1_ecx = __cpuid(1).ecx;
+    let ext_max = __cpuid(0x8000_0000).eax;
+    let ext1_ecx = if ext_max >= 0x8000_0001 {
+        __cpuid(0x8000_0001).ecx
+    } else {
+        0
+    };
+    virt_from_cpuid(leaf1_ecx, ext1_ecx)
+}
+
+/// The virtualization extension CPUID reports: leaf 1 ECX[5] is VMX, leaf 0x8000_0001 ECX[2] SVM
+/// (`ext1_ecx` 0 when the CPU has no such leaf).
+pub fn virt_from_cpuid(leaf1_ecx: u32, ext1_ecx: u32) -> VirtKind {
+    if leaf1_ecx & (1 << 5) != 0 {
         VirtKind::VmxEpt
-    } else if has("svm") {
+    } else if ext1_ecx & (1 << 2) != 0 {
         VirtKind::SvmNpt
     } else {
         VirtKind::Unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuid_bits_name_the_extension() {
+        assert_eq!(virt_from_cpuid(1 << 5, 0), VirtKind::VmxEpt);
+        assert_eq!(virt_from_cpuid(0, 1 << 2), VirtKind::SvmNpt);
+        assert_eq!(virt_from_cpuid(!(1 << 5), !(1 << 2)), VirtKind::Unknown);
+        assert_eq!(virt_from_cpuid(0, 0), VirtKind::Unknown);
+    }
+
+    #[test]
+    fn cpuid_agrees_with_the_kernels_flags_when_they_show_one() {
+        // The kernel may hide a flag (disabled by firmware), never invent one: where /proc/cpuinfo
+        // shows vmx or svm, CPUID must say the same.
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let flags = flags
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or_default()
+            .to_string();
+        let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+        use core::arch::x86_64::__cpuid;
+        let (l1, ext_max) = (__cpuid(1).ecx, __cpuid(0x8000_0000).eax);
+        let e1 = if ext_max >= 0x8000_0001 {
+            __cpuid(0x8000_0001).ecx
+        } else {
+            0
+        };
+        let v = virt_from_cpuid(l1, e1);
+        if has("vmx") {
+            assert_eq!(v, VirtKind::VmxEpt);
+        } else if has("svm") {
+            assert_eq!(v, VirtKind::SvmNpt);
+        }
     }
 }
 
@@ -43,6 +91,12 @@ pub struct KvmHypervisor {
     kvm: Kvm,
     caps: Capabilities,
     cpuid: CpuId,
+    /// `KVM_CAP_TSC_DEADLINE_TIMER`: the in-kernel LAPIC emulates the TSC-deadline MSR.
+    tsc_deadline: bool,
+    /// `KVM_CAP_COALESCED_MMIO`: the page offset of the coalesced ring in a vCPU fd (0: none).
+    coalesced_page: u32,
+    /// `KVM_CAP_COALESCED_PIO`: port zones too.
+    coalesced_pio: bool,
 }
 
 impl KvmHypervisor {
@@ -73,7 +127,25 @@ impl KvmHypervisor {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| BackendError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        Ok(Self { kvm, caps, cpuid })
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let coalesced_page =
+            u32::try_from(kvm.check_extension_int(Cap::CoalescedMmio)).unwrap_or(0);
+        let coalesced_pio = coalesced_page != 0 && kvm.check_extension(Cap::CoalescedPio);
+        Ok(Self {
+            kvm,
+            caps,
+            cpuid,
+            tsc_deadline,
+            coalesced_page,
+            coalesced_pio,
+        })
+    }
+
+    /// What the CPUID policy adds for a VM with (or without) an in-kernel local APIC.
+    pub fn cpuid_features(&self, in_kernel_lapic: bool) -> CpuidFeatures {
+        CpuidFeatures {
+            tsc_deadline: in_kernel_lapic && self.tsc_deadline,
+        }
     }
 }
 
@@ -101,6 +173,9 @@ impl Hypervisor for KvmHypervisor {
         Ok(KvmVm {
             vm,
             cpuid: self.cpuid.clone(),
+            features: self.cpuid_features(split_irqchip_pins.is_some()),
+            coalesced_page: self.coalesced_page,
+            coalesced_pio: self.coalesced_pio,
         })
     }
 }
@@ -110,6 +185,9 @@ impl Hypervisor for KvmHypervisor {
 pub struct KvmVm {
     vm: VmFd,
     cpuid: CpuId,
+    features: CpuidFeatures,
+    coalesced_page: u32,
+    coalesced_pio: bool,
 }
 
 impl Vm for KvmVm {
@@ -140,10 +218,13 @@ impl Vm for KvmVm {
             .create_vcpu(u64::from(id))
             .map_err(|e| BackendError::ioctl("KVM_CREATE_VCPU", e))?;
         let mut cpuid = self.cpuid.clone();
-        crate::cpuid::apply_policy(&mut cpuid, id);
+        crate::cpuid::apply_policy(&mut cpuid, id, self.features);
         fd.set_cpuid2(&cpuid)
             .map_err(|e| BackendError::ioctl("KVM_SET_CPUID2", e))?;
-        Ok(KvmVcpu { fd })
+        Ok(KvmVcpu {
+            fd,
+            coalesced_page: self.coalesced_page,
+        })
     }
 
     fn signal_msi(&self, addr: u64, data: u32) -> Result<(), BackendError> {
@@ -157,6 +238,23 @@ impl Vm for KvmVm {
             .signal_msi(msi)
             .map(|_| ())
             .map_err(|e| BackendError::ioctl("KVM_SIGNAL_MSI", e))
+    }
+
+    fn register_coalesced(&self, zone: &CoalescedZone) -> Result<(), BackendError> {
+        if self.coalesced_page == 0 {
+            return Err(BackendError::Missing("KVM_CAP_COALESCED_MMIO"));
+        }
+        if zone.pio && !self.coalesced_pio {
+            return Err(BackendError::Missing("KVM_CAP_COALESCED_PIO"));
+        }
+        let addr = if zone.pio {
+            kvm_ioctls::IoEventAddress::Pio(zone.addr)
+        } else {
+            kvm_ioctls::IoEventAddress::Mmio(zone.addr)
+        };
+        self.vm
+            .register_coalesced_mmio(addr, zone.len)
+            .map_err(|e| BackendError::ioctl("KVM_REGISTER_COALESCED_MMIO", e))
     }
 
     fn register_ioeventfd(
@@ -236,6 +334,7 @@ impl Vm for KvmVm {
 #[derive(Debug)]
 pub struct KvmVcpu {
     fd: VcpuFd,
+    coalesced_page: u32,
 }
 
 fn to_kvm_seg(s: &Segment) -> kvm_segment {
@@ -451,6 +550,58 @@ impl Vcpu for KvmVcpu {
             }
             other => MpState::Other(other),
         })
+    }
+
+    fn map_coalesced_ring(&mut self) -> Result<Option<CoalescedRing>, BackendError> {
+        if self.coalesced_page == 0 {
+            return Ok(None);
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .map_err(|_| BackendError::Invalid("page size".into()))?;
+        let offset = libc::off_t::try_from(self.coalesced_page as usize * page)
+            .map_err(|_| BackendError::Invalid("coalesced ring offset".into()))?;
+        // SAFETY: maps one page of the vCPU fd at the offset KVM_CAP_COALESCED_MMIO names; the
+        // result is checked below and owned by the ring from then on.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(BackendError::ioctl(
+                "mmap(coalesced MMIO ring)",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: `p` is a fresh mapping of `page` bytes of the ring, handed over to the ring.
+        let ring = unsafe { CoalescedRing::from_mapping(p.cast(), page) };
+        if ring.is_none() {
+            // SAFETY: the mapping made above, not handed to anyone.
+            unsafe { libc::munmap(p, page) };
+        }
+        Ok(ring)
+    }
+
+    fn cpuid(&self, function: u32, index: u32) -> Result<Option<[u32; 4]>, BackendError> {
+        let table = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| BackendError::ioctl("KVM_GET_CPUID2", e))?;
+        Ok(table
+            .as_slice()
+            .iter()
+            .find(|e| {
+                e.function == function
+                    && (e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0
+                        || e.index == index)
+            })
+            .map(|e| [e.eax, e.ebx, e.ecx, e.edx]))
     }
 
     #[inline]

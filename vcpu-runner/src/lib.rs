@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod boot;
+pub mod coalesced;
 pub mod control;
 pub mod cpuid;
 pub mod handler;

@@ -89,6 +89,8 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
                 }
             }
             RunState::Paused => {
+                // Whoever looks at the devices while we are paused sees every write made so far.
+                handler.drain_coalesced();
                 vcpu.set_immediate_exit(false);
                 acked_running = false;
                 if control.park_while_paused() == RunState::Stopping {
@@ -96,7 +98,10 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
                 }
                 continue;
             }
-            RunState::Stopping => break VcpuOutcome::Stopped,
+            RunState::Stopping => {
+                handler.drain_coalesced();
+                break VcpuOutcome::Stopped;
+            }
         }
         handler.probe().enter();
         let result = vcpu.run();
@@ -120,8 +125,10 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
         };
         match action {
             None => {
-                // A kick: clear it and look at what the controller wants.
+                // A kick: clear it, apply coalesced writes (the main thread kicks for stale ones),
+                // and look at what the controller wants.
                 vcpu.set_immediate_exit(false);
+                handler.drain_coalesced();
                 handler.stats().inc(crate::stats::Stat::VmExitIntr);
                 if let Some(r) = handler.pending_request() {
                     break VcpuOutcome::Request(r);

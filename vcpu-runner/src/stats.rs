@@ -31,6 +31,7 @@ stats! {
     VmExitIntr => "vm exits due to host interrupts (kicks)",
     VmExitOther => "number of vm exits for unknown reason",
     FastStage => "exits handled inline by an in-module device",
+    CoalescedWrite => "coalesced writes applied (no exit of their own)",
     SlowPosted => "exits posted to the device-model side without waiting",
     SlowWaited => "exits that waited for a device-model completion",
     UnclaimedRead => "reads nobody claimed (all-ones returned)",

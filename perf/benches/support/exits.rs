@@ -200,7 +200,7 @@ fn run_raw_here(guest: &str, n: u64) -> Duration {
     let loaded = load(&mem, guest, &format!("n={n}"));
     let mut vcpu = vm.create_vcpu(0).expect("vcpu");
     let mut cpuid = kvm.get_supported_cpuid(80).expect("cpuid");
-    vcpu_runner::cpuid::apply_policy(&mut cpuid, 0);
+    vcpu_runner::cpuid::apply_policy(&mut cpuid, 0, vcpu_runner::cpuid::CpuidFeatures::default());
     vcpu.set_cpuid2(&cpuid).expect("set cpuid");
     let e = entry(&loaded.entry);
     let mut sregs = vcpu.get_sregs().expect("sregs");
