@@ -176,6 +176,7 @@ impl Hypervisor for KvmHypervisor {
             features: self.cpuid_features(split_irqchip_pins.is_some()),
             coalesced_page: self.coalesced_page,
             coalesced_pio: self.coalesced_pio,
+            coalesced: std::sync::Mutex::new(Vec::new()),
         })
     }
 }
@@ -188,6 +189,27 @@ pub struct KvmVm {
     features: CpuidFeatures,
     coalesced_page: u32,
     coalesced_pio: bool,
+    /// Zones registered with `KVM_REGISTER_COALESCED_MMIO`, unregistered on drop.
+    coalesced: std::sync::Mutex<Vec<(kvm_ioctls::IoEventAddress, u32)>>,
+}
+
+/// Unregisters the coalesced zones before the VM file closes. Measured on our hosts (kvm_pvm,
+/// 2026-11-25): a VM destroyed with its three zones still registered took 5–10 ms in `close`;
+/// three `KVM_UNREGISTER_COALESCED_MMIO` calls cost 0.02–0.1 ms each and the `close` then
+/// 0.3–0.5 ms. (The whole `bhyve` run of the `hello` guest still ends ~4 ms later with the zones
+/// than without them, median 9.9 against 5.7 ms; where that goes is not found yet.)
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        let zones = std::mem::take(
+            &mut *self
+                .coalesced
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (addr, len) in zones {
+            let _ = self.vm.unregister_coalesced_mmio(addr, len);
+        }
+    }
 }
 
 impl Vm for KvmVm {
@@ -254,7 +276,12 @@ impl Vm for KvmVm {
         };
         self.vm
             .register_coalesced_mmio(addr, zone.len)
-            .map_err(|e| BackendError::ioctl("KVM_REGISTER_COALESCED_MMIO", e))
+            .map_err(|e| BackendError::ioctl("KVM_REGISTER_COALESCED_MMIO", e))?;
+        self.coalesced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((addr, zone.len));
+        Ok(())
     }
 
     fn register_ioeventfd(
