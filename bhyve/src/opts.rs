@@ -144,6 +144,8 @@ pub struct Config {
     pub socket_dir: PathBuf,
     /// Print exit statistics on stop.
     pub print_stats: bool,
+    /// `-o memory.thp=BOOL`: advise guest RAM for transparent huge pages (default true).
+    pub huge_pages: bool,
     /// Pin vCPU threads to host CPUs.
     pub pin: bool,
     /// Print latency histograms when the VM stops.
@@ -192,6 +194,8 @@ Usage: bhyve [-AHPuw] [-c [cpus=]N] [-k config_file] [-l lpcdev[,conf]] [-m mems
         vmm.socket_dir=DIR   control sockets (default $BHYVE_RS_SOCKET_DIR or /run/bhyve-rs);
                              bhyvectl --vm=NAME talks to DIR/NAME
         test.devices=true    scratch devices for the project's test guests
+        memory.thp=BOOL      advise guest RAM for transparent huge pages (default true;
+                             false starts a short-lived guest sooner)
         stats.print=true     print exit counters when the VM stops
         stats.histograms=true  print exit latency histograms (p50/p99/p99.9/max) at the stop
         stats.plots=DIR      write SVG plots: latency histogram, exit rate over time
@@ -503,6 +507,7 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/run/bhyve-rs")),
         print_stats: false,
+        huge_pages: true,
         pin: true,
         print_histograms: false,
         trace_file: None,
@@ -575,6 +580,7 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
             }
             "test.devices" => cfg.test_devices = parse_bool(k, v)?,
             "stats.print" => cfg.print_stats = parse_bool(k, v)?,
+            "memory.thp" => cfg.huge_pages = parse_bool(k, v)?,
             "cpus.pin" => cfg.pin = parse_bool(k, v)?,
             "stats.histograms" => cfg.print_histograms = parse_bool(k, v)?,
             "trace.file" => cfg.trace_file = Some(PathBuf::from(v)),
@@ -656,6 +662,13 @@ mod tests {
         assert_eq!((c.cpus, c.memory), (3, 2 << 30));
         assert_eq!(run("-m 64 -o boot.kernel=/k x").unwrap().memory, 64 << 20);
         assert_eq!(parse(&args("-h")).unwrap(), Command::Help);
+        assert!(c.huge_pages, "transparent huge pages by default");
+        let c = run("-o memory.thp=false -o boot.kernel=/k x").unwrap();
+        assert!(!c.huge_pages);
+        assert!(run("-o memory.thp=maybe -o boot.kernel=/k x")
+            .unwrap_err()
+            .to_string()
+            .contains("memory.thp"));
     }
 
     #[test]

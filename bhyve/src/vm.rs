@@ -355,11 +355,12 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         asked: mib,
         why: e.to_string(),
     })?;
-    let machine = Machine::new(
+    let machine = Machine::with_huge_pages(
         &hv,
         &layout.ram_ranges(),
         cfg.cpus,
         hv.capabilities().split_irqchip,
+        cfg.huge_pages,
     )
     .map_err(|e| match e {
         vcpu_runner::MachineError::Memory { why, .. } => VmError::Memory { asked: mib, why },

@@ -428,12 +428,28 @@ where
     H::Vm: 'static,
     <H::Vm as Vm>::Vcpu: 'static,
 {
-    /// Creates the VM and its guest memory (`ram` as (guest address, bytes) ranges).
+    /// Creates the VM and its guest memory (`ram` as (guest address, bytes) ranges), advised for
+    /// transparent huge pages ([`Machine::with_huge_pages`]).
     pub fn new(
         hv: &H,
         ram: &[(GuestAddress, usize)],
         ncpus: u32,
         split_irqchip: bool,
+    ) -> Result<Self, MachineError> {
+        Self::with_huge_pages(hv, ram, ncpus, split_irqchip, true)
+    }
+
+    /// [`Machine::new`], choosing whether guest RAM is advised for transparent huge pages
+    /// ([`advise_huge_pages`]). Huge pages cut nested page faults and TLB misses for the guest's
+    /// whole life; the price is paid at the first touch of each 2 MiB (zeroing it), which a guest
+    /// that lives a few milliseconds notices: on our hosts the `hello` test guest's first UART
+    /// byte came 1.6–5 ms later with them (`bhyve -o memory.thp=false` turns them off).
+    pub fn with_huge_pages(
+        hv: &H,
+        ram: &[(GuestAddress, usize)],
+        ncpus: u32,
+        split_irqchip: bool,
+        huge_pages: bool,
     ) -> Result<Self, MachineError> {
         // 32 pins: KVM reports EOIs only for level routes on GSIs below the reserved pin count, and
         // our I/O APIC has 32 inputs (the HPET routes to 24-31). MSI-X vectors get GSIs above.
@@ -452,7 +468,9 @@ where
                         why: e.to_string(),
                     })?;
             let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-            advise_huge_pages(host, region.len());
+            if huge_pages {
+                advise_huge_pages(host, region.len());
+            }
             // SAFETY: the mapping belongs to `memory`, which the Machine owns and drops only after
             // every vCPU thread has been joined.
             unsafe {

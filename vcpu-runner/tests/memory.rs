@@ -47,6 +47,24 @@ fn guest_ram_is_advised_for_huge_pages() {
 }
 
 #[test]
+fn guest_ram_without_huge_pages_is_not_advised() {
+    let hv = KvmHypervisor::open().expect("this test needs /dev/kvm");
+    let boot = loader::BootConfig::new(64 << 20, "");
+    let layout = boot.layout().unwrap();
+    let machine = Machine::with_huge_pages(&hv, &layout.ram_ranges(), 1, true, false).unwrap();
+    let mem = machine.memory();
+    for r in mem.iter() {
+        let host = mem.get_host_address(r.start_addr()).unwrap() as usize;
+        let flags = vm_flags(host).unwrap_or_else(|| panic!("no smaps entry at {host:#x}"));
+        assert!(
+            !flags.split_whitespace().any(|f| f == "hg"),
+            "guest RAM at {:#x} (host {host:#x}): VmFlags {flags}",
+            r.start_addr().0
+        );
+    }
+}
+
+#[test]
 fn advice_is_refused_for_memory_that_is_not_mapped_and_taken_otherwise() {
     let len = 4 << 20;
     // SAFETY: a fresh anonymous private mapping, unmapped below.
