@@ -13,7 +13,9 @@ const FIRST8: u64 = u64::from_le_bytes(*b"INITRD-0");
 fn dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("bhyve-probes-{}", std::process::id()));
     guests::write_all(&d).expect("guest images");
-    std::fs::write(d.join("initrd.bin"), INITRD).unwrap();
+    // The tests run in parallel and share the folder: replace, never truncate, a file another
+    // test's monitor may be reading (a truncated initrd once loaded as 0 bytes).
+    guests::write_atomically(&d.join("initrd.bin"), INITRD).unwrap();
     d
 }
 

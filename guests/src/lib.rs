@@ -20,6 +20,21 @@ pub fn image(name: &str) -> Option<&'static [u8]> {
     GUESTS.iter().find(|(n, _)| *n == name).map(|(_, i)| *i)
 }
 
+/// Writes `bytes` to `path` through a temporary file and a rename, so that a reader (a monitor
+/// another test thread started on the same image) sees the old file or the new one, never a
+/// truncated one.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}-{n}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 /// Writes every guest image into `dir` as `NAME.elf` (`NAME.bzImage` for bzImage-shaped ones);
 /// returns the paths.
 pub fn write_all(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
@@ -33,7 +48,7 @@ pub fn write_all(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBu
                 "elf"
             };
             let p = dir.join(format!("{n}.{ext}"));
-            std::fs::write(&p, img)?;
+            write_atomically(&p, img)?;
             Ok(p)
         })
         .collect()
