@@ -133,11 +133,21 @@ fn install_signal_handlers() {
 }
 
 fn read_file(what: &'static str, p: &Path) -> Result<Vec<u8>, VmError> {
-    std::fs::read(p).map_err(|source| VmError::Read {
+    let bytes = std::fs::read(p).map_err(|source| VmError::Read {
         what,
         path: p.display().to_string(),
         source,
-    })
+    })?;
+    // An empty kernel or initrd is a mistake (a truncated download, a file being rewritten), not
+    // "none": say so rather than boot a guest that finds nothing where it was promised something.
+    if bytes.is_empty() {
+        return Err(VmError::Read {
+            what,
+            path: p.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty"),
+        });
+    }
+    Ok(bytes)
 }
 
 fn host_memory() -> Option<u64> {

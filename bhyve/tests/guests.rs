@@ -221,6 +221,19 @@ fn bad_input_is_status_4_with_a_message_naming_it() {
     assert!(bad(&["-c", "999", "-o", &hello, "x"]).contains("999 vCPUs requested but only"));
     assert!(bad(&["-Z", "-o", &hello, "x"]).contains("'-Z'"));
     assert!(bad(&["-o", &hello]).contains("VM name"));
+    let empty = dir.join("empty.initrd");
+    std::fs::write(&empty, b"").unwrap();
+    let e = bad(&[
+        "-o",
+        &hello,
+        "-o",
+        &format!("boot.initrd={}", empty.display()),
+        "x",
+    ]);
+    assert!(
+        e.contains("initrd") && e.contains("empty.initrd") && e.contains("empty"),
+        "{e}"
+    );
     let big = dir.join("big.initrd");
     std::fs::write(&big, vec![0u8; 8 << 20]).unwrap();
     let e = bad(&[
