@@ -262,17 +262,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::models::test_sink::Sink;
 
     /// A backend that blocks until released, recording the thread that writes.
     #[derive(Clone)]

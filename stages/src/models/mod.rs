@@ -4,3 +4,23 @@
 
 pub mod console;
 pub mod uart;
+
+/// A console backend that keeps what it is given, for the models' tests.
+#[cfg(test)]
+pub(crate) mod test_sink {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    pub(crate) struct Sink(pub(crate) Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}
