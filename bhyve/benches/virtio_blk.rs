@@ -19,7 +19,8 @@
 //!
 //! Both monitors see the same host semantics: the image is an ordinary file, read and written
 //! through the page cache, a FLUSH is an fdatasync. Ours: preadv/pwritev straight from guest memory
-//! on a normal descriptor, 4 I/O threads (several requests in flight), fdatasync on FLUSH; QEMU:
+//! on a normal descriptor, one I/O thread per host CPU up to 4 (several requests in flight),
+//! fdatasync on FLUSH; QEMU:
 //! `cache=writeback` (its default: no O_DIRECT, flush = fdatasync), `aio=threads`.
 //! The image is filled with data (not sparse) and read once before the runs, so reads hit a warm
 //! page cache on both sides.

@@ -723,7 +723,7 @@ pub fn add_devices(
             DeviceSpec::Block(o) => {
                 let mut b =
                     virtio::blk::Block::open(o).map_err(|e| format!("{what}: virtio-blk: {e}"))?;
-                b.set_io_threads(virtio::blk::DEFAULT_IO_THREADS);
+                b.set_io_threads(virtio::blk::default_io_threads());
                 Box::new(b)
             }
             DeviceSpec::Net(o) => {
