@@ -336,7 +336,9 @@ fn a_protocol_version_mismatch_names_both_versions() {
             id: req.id,
         };
         s.write_all(&reply.encode()).unwrap();
-        s.write_all(msg).unwrap();
+        // bhyvectl may hang up as soon as it has read a header of another version (it does not
+        // need the text): a broken pipe here is that, not a failure.
+        let _ = s.write_all(msg);
     });
     let o = bhyvectl(dir.path(), &["--vm=old", "--get-stats"]);
     server.join().unwrap();
