@@ -164,7 +164,7 @@ impl<S: SlowPath> ExitHandler<S> {
     /// (fast) devices. Every exit does this before handling its own access; the run loop also does
     /// it on a kick and before the vCPU pauses or stops.
     #[inline]
-    pub fn drain_coalesced(&self) {
+    pub fn drain_coalesced(&mut self) {
         let Some(ring) = self.platform.coalesced.get() else {
             return;
         };
@@ -196,7 +196,7 @@ impl<S: SlowPath> ExitHandler<S> {
         });
         if let Err(e) = drained {
             self.stats.inc(Stat::SlowPathError);
-            eprintln!("vcpu {}: coalesced-write ring: {e:?}", self.vcpu);
+            self.log_error(&format!("coalesced-write ring: {e:?}"));
         }
     }
 
