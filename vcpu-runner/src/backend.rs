@@ -270,6 +270,11 @@ pub trait Vm: Send + Sync {
     /// The table is replaced as a whole: call it through one owner that merges every user's routes
     /// (`crate::routes::GsiRoutes`), never directly from two places.
     fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError>;
+    /// Whether a new VM's routing table is known to be empty, so installing an empty table would
+    /// change nothing (and need not be done). `false` when unknown.
+    fn msi_routes_start_empty(&self) -> bool {
+        false
+    }
     /// Binds `fd` to `gsi`: every write to the eventfd injects the interrupt the GSI's route
     /// describes, inside the hypervisor (no exit, no ioctl on the writer's side).
     fn register_irqfd(

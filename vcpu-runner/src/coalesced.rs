@@ -20,8 +20,8 @@
 //! entries[]; }`, entries `{ u64 phys_addr; u32 len; u32 pio; u8 data[8]; }` (24 bytes): KVM writes
 //! `last` and the entries, we write `first`.
 
-use std::sync::atomic::{fence, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Bytes of one ring entry.
 const ENTRY: usize = 24;
@@ -56,6 +56,107 @@ impl CoalescedWrite {
     /// The bytes written.
     pub fn bytes(&self) -> &[u8] {
         &self.data[..self.len.min(8)]
+    }
+}
+
+/// Registers one zone with the hypervisor; returns whether it took it.
+pub type ZoneRegistrar = Box<dyn Fn(&CoalescedZone) -> bool + Send + Sync>;
+
+/// The zones a VM asked for, registered lazily: a zone is registered with the hypervisor at the
+/// first write exit into it, not when the VM starts.
+///
+/// Each registration (and each unregistration when the VM closes) waits for an SRCU grace period
+/// in KVM (`kvm_io_bus_register_dev`): measured 0.1–3 ms each on our hosts (2026-11-25), so three
+/// zones registered up front cost a guest that never touches them (a test guest, a firmware-less
+/// micro-VM) milliseconds at start and again at exit. A guest that does use an index register
+/// pays one grace period at its first write there, and every later write is coalesced. The write
+/// that arms a zone exits as usual, so nothing is coalesced before the ring is mapped and the zone
+/// registered.
+pub struct LazyZones {
+    zones: Vec<CoalescedZone>,
+    /// Bit `i`: zone `i` is not registered yet and has not been tried (at most 64 zones).
+    unarmed: AtomicU64,
+    registrar: OnceLock<ZoneRegistrar>,
+}
+
+impl std::fmt::Debug for LazyZones {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyZones")
+            .field("zones", &self.zones)
+            .field("unarmed", &self.unarmed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl LazyZones {
+    /// At most this many zones (one bit each).
+    pub const MAX: usize = 64;
+
+    /// `zones`, none registered yet (zones past [`LazyZones::MAX`] are never registered).
+    pub fn new(zones: Vec<CoalescedZone>) -> Self {
+        let n = zones.len().min(Self::MAX);
+        let bits = if n == Self::MAX {
+            u64::MAX
+        } else {
+            (1u64 << n) - 1
+        };
+        Self {
+            zones,
+            unarmed: AtomicU64::new(bits),
+            registrar: OnceLock::new(),
+        }
+    }
+
+    /// The zones.
+    pub fn zones(&self) -> &[CoalescedZone] {
+        &self.zones
+    }
+
+    /// Whether there are no zones.
+    pub fn is_empty(&self) -> bool {
+        self.zones.is_empty()
+    }
+
+    /// Sets how zones are registered (once the coalesced ring is mapped). Only the first call counts.
+    pub fn set_registrar(&self, r: ZoneRegistrar) {
+        let _ = self.registrar.set(r);
+    }
+
+    /// Called on a write exit to `addr`: registers the zone that holds it if it is the first write
+    /// there (one caller wins; a zone the hypervisor refuses is not tried again). Returns whether
+    /// a zone was registered now. Without a registrar (no ring) nothing happens.
+    #[inline]
+    pub fn on_write_exit(&self, pio: bool, addr: u64) -> bool {
+        let unarmed = self.unarmed.load(Ordering::Relaxed);
+        if unarmed == 0 {
+            return false;
+        }
+        self.arm(unarmed, pio, addr)
+    }
+
+    #[cold]
+    fn arm(&self, unarmed: u64, pio: bool, addr: u64) -> bool {
+        let Some(registrar) = self.registrar.get() else {
+            return false;
+        };
+        let Some(i) = self
+            .zones
+            .iter()
+            .take(Self::MAX)
+            .position(|z| z.pio == pio && addr >= z.addr && addr - z.addr < u64::from(z.len))
+        else {
+            return false;
+        };
+        let bit = 1u64 << i;
+        if unarmed & bit == 0 || self.unarmed.fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
+            return false;
+        }
+        registrar(&self.zones[i])
+    }
+
+    /// Zones not registered (nor tried) yet.
+    pub fn unarmed(&self) -> usize {
+        self.unarmed.load(Ordering::Relaxed).count_ones() as usize
     }
 }
 
@@ -260,6 +361,106 @@ impl Drop for CoalescedRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn zones_with_log() -> (LazyZones, std::sync::Arc<Mutex<Vec<CoalescedZone>>>) {
+        let z = LazyZones::new(vec![
+            CoalescedZone {
+                pio: true,
+                addr: 0xcf8,
+                len: 4,
+            },
+            CoalescedZone {
+                pio: false,
+                addr: 0xfec0_0000,
+                len: 4,
+            },
+            CoalescedZone {
+                pio: true,
+                addr: 0x70,
+                len: 1,
+            },
+        ]);
+        let log = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        z.set_registrar(Box::new(move |zone| {
+            l.lock().unwrap().push(*zone);
+            // The hypervisor refuses the RTC zone.
+            zone.addr != 0x70
+        }));
+        (z, log)
+    }
+
+    #[test]
+    fn a_zone_is_registered_at_its_first_write_exit_and_only_then() {
+        let (z, log) = zones_with_log();
+        assert_eq!(z.unarmed(), 3);
+        // Outside every zone, or the right address in the other space: nothing.
+        assert!(!z.on_write_exit(true, 0xcfc));
+        assert!(!z.on_write_exit(false, 0xcf8));
+        assert!(!z.on_write_exit(true, 0xfec0_0000));
+        assert!(log.lock().unwrap().is_empty());
+        // Inside (not at the start): registered once.
+        assert!(z.on_write_exit(true, 0xcfa));
+        assert!(!z.on_write_exit(true, 0xcf8));
+        assert!(z.on_write_exit(false, 0xfec0_0003));
+        assert!(!z.on_write_exit(false, 0xfec0_0000));
+        assert_eq!(log.lock().unwrap().len(), 2);
+        assert_eq!(z.unarmed(), 1);
+        // A refused zone is tried once, then left alone (its writes keep exiting).
+        assert!(!z.on_write_exit(true, 0x70));
+        assert!(!z.on_write_exit(true, 0x70));
+        assert_eq!(log.lock().unwrap().len(), 3);
+        assert_eq!(z.unarmed(), 0);
+    }
+
+    #[test]
+    fn without_a_registrar_nothing_is_registered_or_used_up() {
+        let z = LazyZones::new(vec![CoalescedZone {
+            pio: true,
+            addr: 0x70,
+            len: 1,
+        }]);
+        assert!(!z.on_write_exit(true, 0x70));
+        assert_eq!(
+            z.unarmed(),
+            1,
+            "a zone stays armable until the ring is mapped"
+        );
+        assert!(LazyZones::new(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn racing_first_writes_register_a_zone_once() {
+        let (z, log) = zones_with_log();
+        let z = std::sync::Arc::new(z);
+        let wins: usize = (0..4)
+            .map(|_| {
+                let z = z.clone();
+                std::thread::spawn(move || usize::from(z.on_write_exit(true, 0xcf8)))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(wins, 1);
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn more_zones_than_bits_are_left_unregistered() {
+        let zones = (0..70u64)
+            .map(|i| CoalescedZone {
+                pio: true,
+                addr: i * 4,
+                len: 4,
+            })
+            .collect();
+        let z = LazyZones::new(zones);
+        z.set_registrar(Box::new(|_| true));
+        assert_eq!(z.unarmed(), 64);
+        assert!(z.on_write_exit(true, 63 * 4));
+        assert!(!z.on_write_exit(true, 64 * 4), "zone 64 has no bit");
+    }
 
     fn w(addr: u64, v: u32) -> CoalescedWrite {
         let mut data = [0u8; 8];

@@ -13,7 +13,7 @@ use stages::platform::{le_value, put_le_value};
 use stages::{Bus, BusDevice, DeviceId, EoiSink, Route, Space, Stage, VmRequest, VmRequests};
 
 use crate::backend::VmExit;
-use crate::coalesced::{CoalescedRing, CoalescedZone};
+use crate::coalesced::{CoalescedRing, LazyZones};
 use crate::ratelimit::RateLimit;
 use crate::stats::{Stat, VcpuStats};
 use perf::{ExitClass, StageClass, VcpuProbe, NO_OWNER};
@@ -65,8 +65,9 @@ pub struct Platform {
     pub requests: Arc<VmRequests>,
     /// Where I/O APIC EOIs go (the in-module interrupt controller), if there is one.
     pub eoi: Option<Arc<dyn EoiSink>>,
-    /// Zones whose writes the hypervisor coalesces (registered once the ring is mapped).
-    pub coalesced_zones: Vec<CoalescedZone>,
+    /// Zones whose writes the hypervisor coalesces (each registered at the first write exit into
+    /// it, once the ring is mapped).
+    pub coalesced_zones: LazyZones,
     /// The VM's coalesced-write ring, once a vCPU has mapped it.
     pub coalesced: OnceLock<CoalescedRing>,
 }
@@ -372,6 +373,10 @@ impl<S: SlowPath> ExitHandler<S> {
                 if let Some(dev) = self.fast_device(route.device) {
                     lock(dev).write(route.offset, data);
                 }
+                // The first write into a coalesced zone registers it; later ones are coalesced.
+                self.platform
+                    .coalesced_zones
+                    .on_write_exit(space == Space::Pio, addr);
                 Action::Continue
             }
             Stage::Slow => {
@@ -574,7 +579,11 @@ mod tests {
             names: vec!["pit".into(), "com1".into()],
             requests: Arc::new(VmRequests::new()),
             eoi: Some(eoi.clone()),
-            coalesced_zones: Vec::new(),
+            coalesced_zones: LazyZones::new(vec![crate::coalesced::CoalescedZone {
+                pio: true,
+                addr: 0x40,
+                len: 2,
+            }]),
             coalesced: OnceLock::new(),
         });
         let probe = VcpuProbe::new(
@@ -585,6 +594,41 @@ mod tests {
         );
         let h = ExitHandler::new(0, platform, slow, Arc::new(VcpuStats::default()), probe);
         (h, fast, eoi)
+    }
+
+    #[test]
+    fn the_first_fast_write_into_a_coalesced_zone_registers_it() {
+        let (mut h, fast, _) = handler(FakeSlow::default());
+        let n = Arc::new(AtomicU8::new(0));
+        let n2 = n.clone();
+        h.platform.coalesced_zones.set_registrar(Box::new(move |z| {
+            assert_eq!((z.pio, z.addr, z.len), (true, 0x40, 2));
+            n2.fetch_add(1, Ordering::Relaxed);
+            true
+        }));
+        // A read, and a write outside the zone (same device): not yet.
+        let mut d = [0u8];
+        h.handle(VmExit::IoIn {
+            port: 0x41,
+            data: &mut d,
+        });
+        h.handle(VmExit::IoOut {
+            port: 0x42,
+            data: &[1],
+        });
+        assert_eq!(n.load(Ordering::Relaxed), 0);
+        for v in [5, 6] {
+            h.handle(VmExit::IoOut {
+                port: 0x41,
+                data: &[v],
+            });
+        }
+        assert_eq!(n.load(Ordering::Relaxed), 1, "registered once");
+        assert_eq!(
+            fast.lock().unwrap().0,
+            6 + 1,
+            "the arming write itself is applied"
+        );
     }
 
     #[test]

@@ -195,9 +195,9 @@ pub struct KvmVm {
 
 /// Unregisters the coalesced zones before the VM file closes. Measured on our hosts (kvm_pvm,
 /// 2026-11-25): a VM destroyed with its three zones still registered took 5–10 ms in `close`;
-/// three `KVM_UNREGISTER_COALESCED_MMIO` calls cost 0.02–0.1 ms each and the `close` then
-/// 0.3–0.5 ms. (The whole `bhyve` run of the `hello` guest still ends ~4 ms later with the zones
-/// than without them, median 9.9 against 5.7 ms; where that goes is not found yet.)
+/// three `KVM_UNREGISTER_COALESCED_MMIO` calls cost 0.02–3 ms each (each waits for an SRCU grace
+/// period, as each registration does) and the `close` then 0.3–0.5 ms. Zones are registered at
+/// their first use (`coalesced::LazyZones`), so a guest that never touches one pays neither.
 impl Drop for KvmVm {
     fn drop(&mut self) {
         let zones = std::mem::take(
@@ -330,6 +330,15 @@ impl Vm for KvmVm {
         self.vm
             .unregister_irqfd(fd, gsi)
             .map_err(|e| BackendError::ioctl("KVM_IRQFD(DEASSIGN)", e))
+    }
+
+    /// We never create KVM's full in-kernel irqchip (`KVM_CREATE_IRQCHIP`, whose default table
+    /// routes the PIC and I/O APIC pins): with the split irqchip KVM starts with an empty table
+    /// (`kvm_setup_empty_irq_routing`), without one with none. Each `KVM_SET_GSI_ROUTING` waits
+    /// for an SRCU grace period (0.1–3 ms measured on our hosts), so an empty table is not
+    /// installed over an empty one at start-up.
+    fn msi_routes_start_empty(&self) -> bool {
+        true
     }
 
     fn set_msi_routes(&self, routes: &[(u32, u64, u32)]) -> Result<(), BackendError> {

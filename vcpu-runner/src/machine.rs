@@ -304,9 +304,10 @@ pub fn resident_bytes(mem: &GuestMemoryMmap<()>) -> Option<u64> {
     Some(total)
 }
 
-/// Maps the coalesced-write ring through `vcpu` and registers the platform's zones. Without a ring
-/// nothing is registered (the writes exit as usual); a zone the hypervisor refuses exits as usual.
-fn setup_coalescing<V: Vm>(vm: &V, vcpu: &mut V::Vcpu, platform: &Platform) {
+/// Maps the coalesced-write ring through `vcpu` and lets the platform register its zones, each at
+/// the first write exit into it ([`crate::coalesced::LazyZones`]). Without a ring nothing is
+/// registered (the writes exit as usual); a zone the hypervisor refuses exits as usual.
+fn setup_coalescing<V: Vm + 'static>(vm: &Arc<V>, vcpu: &mut V::Vcpu, platform: &Platform) {
     if platform.coalesced_zones.is_empty() {
         return;
     }
@@ -316,9 +317,12 @@ fn setup_coalescing<V: Vm>(vm: &V, vcpu: &mut V::Vcpu, platform: &Platform) {
     if platform.coalesced.set(ring).is_err() {
         return;
     }
-    for z in &platform.coalesced_zones {
-        let _ = vm.register_coalesced(z);
-    }
+    // Weak: the platform outlives nothing it should keep open (the VM closes with its last owner).
+    let vm = Arc::downgrade(vm);
+    platform.coalesced_zones.set_registrar(Box::new(move |z| {
+        vm.upgrade()
+            .is_some_and(|vm| vm.register_coalesced(z).is_ok())
+    }));
 }
 
 /// Asks for transparent huge pages on one guest RAM mapping (`MADV_HUGEPAGE`), as QEMU does.
@@ -539,7 +543,7 @@ where
             names: devices.names,
             requests: requests.clone(),
             eoi: devices.eoi,
-            coalesced_zones: devices.coalesced,
+            coalesced_zones: crate::coalesced::LazyZones::new(devices.coalesced),
             coalesced: std::sync::OnceLock::new(),
         });
         let host = host_cpus();
@@ -639,10 +643,10 @@ where
                         }
                         let outcome = (|| {
                             let mut vcpu = vm.create_vcpu(i);
-                            // vCPU 0 maps the VM's coalesced-write ring, then registers the
-                            // zones, all before any vCPU runs (the others wait below).
+                            // vCPU 0 maps the VM's coalesced-write ring before any vCPU runs
+                            // (the others wait below); zones are registered at first use.
                             if let (0, Ok(v)) = (i, vcpu.as_mut()) {
-                                setup_coalescing(&*vm, v, &platform);
+                                setup_coalescing(&vm, v, &platform);
                             }
                             // Counted even if it failed: the others must not wait for it.
                             created.fetch_add(1, Ordering::AcqRel);

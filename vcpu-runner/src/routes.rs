@@ -109,11 +109,22 @@ impl GsiRoutes {
     /// backend's `irq_routes` capability; 0 means [`MAX_GSI`]).
     pub fn for_vm<V: Vm + 'static>(vm: Arc<V>, routes: u32) -> Self {
         let limit = if routes == 0 { MAX_GSI } else { routes };
-        Self::new(
+        let empty = vm.msi_routes_start_empty();
+        let r = Self::new(
             IOAPIC_RESERVED_PINS,
             limit,
             Box::new(move |t: &[Route]| vm.set_msi_routes(t)),
-        )
+        );
+        if empty {
+            r.assume_installed_empty();
+        }
+        r
+    }
+
+    /// Records that the backend's table is empty now (a new VM's), so an empty table is not
+    /// installed again.
+    fn assume_installed_empty(&self) {
+        self.lock().installed = Some(Vec::new());
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -228,6 +239,17 @@ mod tests {
             }),
         );
         (log, r)
+    }
+
+    #[test]
+    fn an_empty_table_is_not_installed_over_a_known_empty_one() {
+        let (log, r) = recorder(64);
+        r.assume_installed_empty();
+        r.set_ioapic_routes(&[]).unwrap();
+        assert!(log.lock().unwrap().is_empty(), "nothing to change");
+        r.set_ioapic_routes(&[(5, 0xfee0_0000, 0x8031)]).unwrap();
+        r.set_ioapic_routes(&[]).unwrap();
+        assert_eq!(log.lock().unwrap().len(), 2, "a route, then its removal");
     }
 
     #[test]
