@@ -181,9 +181,76 @@ fn since_start_ns() -> u64 {
     u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// A console backend on a file descriptor (stdout, a file). The console's writer thread writes it;
+/// the UART's own thread may too, when `poll` says the descriptor takes data now
+/// ([`console::Backend::write_now`]).
+struct FdOut(std::fs::File);
+
+impl FdOut {
+    /// Bytes one direct write may carry. A pipe that polls writable has a free buffer of at least
+    /// `PIPE_BUF`; a terminal that does has fewer than 256 characters pending and room for more;
+    /// a regular file always polls writable. Either way a write this small does not block (the
+    /// UART hands over one byte at a time anyway).
+    const DIRECT_MAX: usize = 64;
+}
+
+impl Write for FdOut {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl console::Backend for FdOut {
+    fn write_now(&mut self, buf: &[u8]) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a zero timeout never blocks.
+        let ready = unsafe { libc::poll(&mut p, 1, 0) };
+        // (A pipe reports POLLWRNORM with POLLOUT; an error or hang-up is the writer's to report.)
+        let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+        if ready != 1 || p.revents & libc::POLLOUT == 0 || p.revents & bad != 0 {
+            return None;
+        }
+        match self.0.write(&buf[..buf.len().min(Self::DIRECT_MAX)]) {
+            Ok(n) if n > 0 => Some(n),
+            // Errors are the writer thread's to count (it retries the bytes through the ring).
+            _ => None,
+        }
+    }
+}
+
 /// A writer that sends to the connected Unix-socket client, if any (output is dropped otherwise).
 #[derive(Clone, Default)]
 struct SocketOut(Arc<Mutex<Option<std::os::unix::net::UnixStream>>>);
+
+impl console::Backend for SocketOut {
+    fn write_now(&mut self, buf: &[u8]) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        let g = self.0.try_lock().ok()?;
+        let Some(s) = g.as_ref() else {
+            // No client: dropped, as `write` drops it.
+            return Some(buf.len());
+        };
+        // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        // Would block, or failed: the writer thread takes it (and drops a broken client).
+        usize::try_from(n).ok().filter(|&n| n > 0)
+    }
+}
 
 impl Write for SocketOut {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -219,11 +286,22 @@ fn add_uart(
     backend: &ConsoleBackend,
     irq: Arc<dyn stages::models::uart::IrqLine>,
 ) -> Result<Option<ConsoleWriter>, VmError> {
-    let (out, input): (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>) = match backend {
-        ConsoleBackend::Stdio => (
-            Box::new(std::io::stdout()),
-            Some(Box::new(std::io::stdin())),
-        ),
+    let (out, input): (Box<dyn console::Backend>, Option<Box<dyn Read + Send>>) = match backend {
+        ConsoleBackend::Stdio => {
+            use std::os::fd::AsFd;
+            // Our own descriptor for stdout (unbuffered: the writer writes whole batches).
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| VmError::Console {
+                    what: format!("{name} stdout"),
+                    source,
+                })?;
+            (
+                Box::new(FdOut(std::fs::File::from(fd))),
+                Some(Box::new(std::io::stdin())),
+            )
+        }
         ConsoleBackend::Null => (Box::new(std::io::sink()), None),
         ConsoleBackend::File(p) => {
             let f = std::fs::OpenOptions::new()
@@ -234,7 +312,7 @@ fn add_uart(
                     what: format!("{name} file {}", p.display()),
                     source,
                 })?;
-            (Box::new(f), None)
+            (Box::new(FdOut(f)), None)
         }
         ConsoleBackend::Unix(p) => {
             let _ = std::fs::remove_file(p);
@@ -903,6 +981,44 @@ fn print_pci_stats(pci: &crate::pci::PciSetup, routes: &vcpu_runner::GsiRoutes) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pipe: (read end, write end).
+    fn pipe() -> (std::fs::File, std::fs::File) {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        let w = unsafe { std::fs::File::from_raw_fd(fds[1]) };
+        (r, w)
+    }
+
+    #[test]
+    fn a_descriptor_backend_writes_now_only_what_cannot_block() {
+        use console::Backend;
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (mut r, w) = pipe();
+        let wfd = w.as_raw_fd();
+        let mut out = FdOut(w);
+        // A pipe with room (poll says POLLOUT | POLLWRNORM): taken at once, at most DIRECT_MAX.
+        assert_eq!(out.write_now(b"hi"), Some(2));
+        let big = vec![b'x'; 1000];
+        assert_eq!(out.write_now(&big), Some(FdOut::DIRECT_MAX));
+        let mut got = vec![0; 2 + FdOut::DIRECT_MAX];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..2], b"hi");
+        // A full pipe: refused (the writer thread would block on it, not the device).
+        // SAFETY: F_SETFL on our own descriptor; O_NONBLOCK only for filling it here.
+        unsafe { libc::fcntl(wfd, libc::F_SETFL, libc::O_NONBLOCK) };
+        while out.0.write(&big).is_ok() {}
+        assert_eq!(out.write_now(b"z"), None);
+        // The reader gone: refused too (the writer thread reports the error).
+        drop(r);
+        assert_eq!(out.write_now(b"z"), None);
+    }
 
     #[test]
     fn expected_probes_are_claimed_silently_and_com2_only_when_absent() {

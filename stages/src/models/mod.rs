@@ -14,6 +14,8 @@ pub(crate) mod test_sink {
     #[derive(Clone, Default)]
     pub(crate) struct Sink(pub(crate) Arc<Mutex<Vec<u8>>>);
 
+    impl crate::models::console::Backend for Sink {}
+
     impl Write for Sink {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(b);
