@@ -3,15 +3,20 @@
 use vcpu_runner::{KvmHypervisor, Machine};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-/// The `VmFlags` line of the mapping of /proc/self/smaps that starts at `start`.
-fn vm_flags(start: usize) -> Option<String> {
+/// The `VmFlags` line of the mapping of /proc/self/smaps that holds `addr`.
+fn vm_flags(addr: usize) -> Option<String> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut inside = false;
     for line in smaps.lines() {
         if let Some((range, _)) = line.split_once(' ') {
-            if let Some((lo, _)) = range.split_once('-') {
-                if lo.chars().all(|c| c.is_ascii_hexdigit()) && !lo.is_empty() {
-                    inside = usize::from_str_radix(lo, 16).ok() == Some(start);
+            if let Some((lo, hi)) = range.split_once('-') {
+                let hex = |v: &str| {
+                    (!v.is_empty() && v.chars().all(|c| c.is_ascii_hexdigit()))
+                        .then(|| usize::from_str_radix(v, 16).ok())
+                        .flatten()
+                };
+                if let (Some(lo), Some(hi)) = (hex(lo), hex(hi)) {
+                    inside = (lo..hi).contains(&addr);
                     continue;
                 }
             }
@@ -33,15 +38,30 @@ fn guest_ram_is_advised_for_huge_pages() {
     let machine = Machine::new(&hv, &layout.ram_ranges(), 1, true).unwrap();
     let mem = machine.memory();
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").is_ok();
+    let small = vcpu_runner::machine::SMALL_PAGES_BELOW;
     for r in mem.iter() {
         let host = mem.get_host_address(r.start_addr()).unwrap() as usize;
         let flags = vm_flags(host).unwrap_or_else(|| panic!("no smaps entry at {host:#x}"));
-        // `hg`: MADV_HUGEPAGE (only a kernel built with THP knows the flag).
+        let gpa = r.start_addr().0;
+        // `hg`: MADV_HUGEPAGE (only a kernel built with THP knows the flag). Below
+        // SMALL_PAGES_BELOW the mapping is left alone and splits there.
+        let (advised_at, small_part) = if gpa < small {
+            (host + usize::try_from(small - gpa).unwrap(), true)
+        } else {
+            (host, false)
+        };
+        if small_part && thp {
+            assert!(
+                !flags.split_whitespace().any(|f| f == "hg"),
+                "guest RAM below {small:#x} (host {host:#x}) is advised: VmFlags {flags}"
+            );
+        }
+        let flags = vm_flags(advised_at)
+            .unwrap_or_else(|| panic!("no smaps entry at {advised_at:#x} (guest RAM at {gpa:#x})"));
         assert_eq!(
             flags.split_whitespace().any(|f| f == "hg"),
             thp,
-            "guest RAM at {:#x} (host {host:#x}): VmFlags {flags}",
-            r.start_addr().0
+            "guest RAM at {gpa:#x} (host {advised_at:#x}): VmFlags {flags}",
         );
     }
 }
