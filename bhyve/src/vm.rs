@@ -183,10 +183,21 @@ fn since_start_ns() -> u64 {
 
 /// A console backend on a file descriptor (stdout, a file). The console's writer thread writes it;
 /// the UART's own thread may too, when `poll` says the descriptor takes data now
-/// ([`console::Backend::write_now`]).
-struct FdOut(std::fs::File);
+/// ([`console::Backend::write_now`]) — only for pipes, terminals and sockets, where `poll` means
+/// it: a regular file always polls writable, yet a write can wait for its file system (a stalled
+/// network mount), so file consoles are written by the writer thread alone.
+struct FdOut {
+    file: std::fs::File,
+    /// Whether `poll` tells when a write would block (not a regular file).
+    pollable: bool,
+}
 
 impl FdOut {
+    fn new(file: std::fs::File) -> Self {
+        let pollable = file.metadata().map(|m| !m.is_file()).unwrap_or(false);
+        Self { file, pollable }
+    }
+
     /// Bytes one direct write may carry. A pipe that polls writable has a free buffer of at least
     /// `PIPE_BUF`; a terminal that does has fewer than 256 characters pending and room for more;
     /// a regular file always polls writable. Either way a write this small does not block (the
@@ -196,7 +207,7 @@ impl FdOut {
 
 impl Write for FdOut {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.write(b)
+        self.file.write(b)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -206,8 +217,11 @@ impl Write for FdOut {
 impl console::Backend for FdOut {
     fn write_now(&mut self, buf: &[u8]) -> Option<usize> {
         use std::os::fd::AsRawFd;
+        if !self.pollable {
+            return None;
+        }
         let mut p = libc::pollfd {
-            fd: self.0.as_raw_fd(),
+            fd: self.file.as_raw_fd(),
             events: libc::POLLOUT,
             revents: 0,
         };
@@ -218,7 +232,7 @@ impl console::Backend for FdOut {
         if ready != 1 || p.revents & libc::POLLOUT == 0 || p.revents & bad != 0 {
             return None;
         }
-        match self.0.write(&buf[..buf.len().min(Self::DIRECT_MAX)]) {
+        match self.file.write(&buf[..buf.len().min(Self::DIRECT_MAX)]) {
             Ok(n) if n > 0 => Some(n),
             // Errors are the writer thread's to count (it retries the bytes through the ring).
             _ => None,
@@ -298,7 +312,7 @@ fn add_uart(
                     source,
                 })?;
             (
-                Box::new(FdOut(std::fs::File::from(fd))),
+                Box::new(FdOut::new(std::fs::File::from(fd))),
                 Some(Box::new(std::io::stdin())),
             )
         }
@@ -312,7 +326,7 @@ fn add_uart(
                     what: format!("{name} file {}", p.display()),
                     source,
                 })?;
-            (Box::new(FdOut(f)), None)
+            (Box::new(FdOut::new(f)), None)
         }
         ConsoleBackend::Unix(p) => {
             let _ = std::fs::remove_file(p);
@@ -1002,7 +1016,7 @@ mod tests {
         use std::os::fd::AsRawFd;
         let (mut r, w) = pipe();
         let wfd = w.as_raw_fd();
-        let mut out = FdOut(w);
+        let mut out = FdOut::new(w);
         // A pipe with room (poll says POLLOUT | POLLWRNORM): taken at once, at most DIRECT_MAX.
         assert_eq!(out.write_now(b"hi"), Some(2));
         let big = vec![b'x'; 1000];
@@ -1013,11 +1027,17 @@ mod tests {
         // A full pipe: refused (the writer thread would block on it, not the device).
         // SAFETY: F_SETFL on our own descriptor; O_NONBLOCK only for filling it here.
         unsafe { libc::fcntl(wfd, libc::F_SETFL, libc::O_NONBLOCK) };
-        while out.0.write(&big).is_ok() {}
+        while out.file.write(&big).is_ok() {}
         assert_eq!(out.write_now(b"z"), None);
         // The reader gone: refused too (the writer thread reports the error).
         drop(r);
         assert_eq!(out.write_now(b"z"), None);
+        // A regular file: never from the device's thread (its file system may stall a write).
+        let dir = std::env::temp_dir().join(format!("bhyve-fdout-{}", std::process::id()));
+        let mut f = FdOut::new(std::fs::File::create(&dir).unwrap());
+        assert_eq!(f.write_now(b"z"), None);
+        f.write_all(b"z").unwrap();
+        let _ = std::fs::remove_file(&dir);
     }
 
     #[test]
