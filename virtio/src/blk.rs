@@ -708,8 +708,15 @@ impl WbStarter {
 /// noise of one another.
 pub const WRITEBACK_BATCH: u64 = 4 << 20;
 
-/// A shorter range is started once no write has extended it for this long.
+/// A shorter range is started once no write has extended it for this long,
 const WRITEBACK_QUIET: std::time::Duration = std::time::Duration::from_millis(2);
+/// or once the oldest range held has waited this long,
+const WRITEBACK_MAX_HOLD: std::time::Duration = std::time::Duration::from_millis(20);
+/// or once more than this many separate ranges are held.
+const WRITEBACK_MAX_HELD: usize = 64;
+/// Ranges queued to the writeback thread at most; more are dropped (left to the host's own
+/// writeback and the next FLUSH), so a slow disk cannot make the queue grow without bound.
+const WRITEBACK_QUEUE: usize = 1024;
 
 /// Eager writeback of one active device, shared by its worker and its I/O threads: ranges go to
 /// a thread of its own ("virtio-blk-wb"), which merges adjacent ones and starts the writeback of
@@ -722,7 +729,7 @@ struct Writeback {
     /// Writes of at least this many bytes qualify.
     min: u64,
     starter: Arc<WbStarter>,
-    tx: Option<mpsc::Sender<(u64, u64)>>,
+    tx: Option<mpsc::SyncSender<(u64, u64)>>,
 }
 
 impl Writeback {
@@ -744,38 +751,47 @@ impl Writeback {
         Self { min, starter, tx }
     }
 
-    fn spawn(file: &File, starter: Arc<WbStarter>) -> std::io::Result<mpsc::Sender<(u64, u64)>> {
-        let (tx, rx) = mpsc::channel::<(u64, u64)>();
+    fn spawn(
+        file: &File,
+        starter: Arc<WbStarter>,
+    ) -> std::io::Result<mpsc::SyncSender<(u64, u64)>> {
+        let (tx, rx) = mpsc::sync_channel::<(u64, u64)>(WRITEBACK_QUEUE);
         let file = file.try_clone()?;
         std::thread::Builder::new()
             .name("virtio-blk-wb".into())
             .spawn(move || {
                 // Ranges not yet started: shorter than WRITEBACK_BATCH, waiting for the writes
-                // that extend them.
+                // that extend them, since `since`.
                 let mut held: Vec<(u64, u64)> = Vec::new();
+                let mut since = std::time::Instant::now();
                 loop {
                     let next = if held.is_empty() {
                         rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
                     } else {
-                        rx.recv_timeout(WRITEBACK_QUIET)
+                        let left = WRITEBACK_MAX_HOLD.saturating_sub(since.elapsed());
+                        rx.recv_timeout(WRITEBACK_QUIET.min(left))
                     };
                     match next {
-                        Ok(r) => held.push(r),
-                        // The writes stopped: start what is left.
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            for (off, len) in held.drain(..) {
-                                starter.start(&file, off, len);
+                        Ok(r) => {
+                            if held.is_empty() {
+                                since = std::time::Instant::now();
                             }
-                            continue;
+                            held.push(r);
+                            held.extend(rx.try_iter());
                         }
+                        // The writes paused, or the oldest range waited long enough.
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
                         // Every sender is gone: the device was reset or dropped.
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
-                    held.extend(rx.try_iter());
                     let merged = merge_ranges(&mut held);
                     held.clear();
+                    // Writes that never line up (a random-write stream) must not wait forever.
+                    let all = next.is_err()
+                        || merged.len() > WRITEBACK_MAX_HELD
+                        || since.elapsed() >= WRITEBACK_MAX_HOLD;
                     for (off, len) in merged {
-                        if len >= WRITEBACK_BATCH {
+                        if all || len >= WRITEBACK_BATCH {
                             starter.start(&file, off, len);
                         } else {
                             held.push((off, len));
@@ -796,12 +812,14 @@ impl Writeback {
         if !self.starter.on.load(Ordering::Relaxed) {
             return;
         }
-        let sent = self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.send((off, len)).is_ok());
-        if !sent {
-            self.starter.start(file, off, len);
+        match self.tx.as_ref().map(|tx| tx.try_send((off, len))) {
+            Some(Ok(())) => {}
+            // The thread is WRITEBACK_QUEUE ranges behind (its disk is slow): this range is left
+            // to the host's own writeback and the next FLUSH.
+            Some(Err(mpsc::TrySendError::Full(_))) => {}
+            Some(Err(mpsc::TrySendError::Disconnected(_))) | None => {
+                self.starter.start(file, off, len);
+            }
         }
     }
 }
@@ -1405,6 +1423,28 @@ mod tests {
         assert_eq!(VirtioStats::get(&stats.writeback_started), 0);
         assert_eq!(VirtioStats::get(&stats.writeback_errors), 0);
         drop(r);
+    }
+
+    #[test]
+    fn ranges_that_never_line_up_are_started_without_waiting_for_a_pause() {
+        let path = std::env::temp_dir().join(format!("virtio-blk-wbr-{}.img", std::process::id()));
+        let file = File::create(&path).unwrap();
+        let stats = Arc::new(VirtioStats::default());
+        let wb = Writeback::new(1, &file, stats.clone(), Arc::new(Logger::new("test")));
+        // A random-write stream: 64 KiB ranges 1 MiB apart, never a 2 ms pause.
+        let t = Instant::now();
+        let mut i = 0u64;
+        while VirtioStats::get(&stats.writeback_started) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "nothing started while the stream ran"
+            );
+            wb.queue(&file, (i % 4096) << 20, 64 << 10);
+            i += 1;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        drop(wb);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
