@@ -14,7 +14,8 @@
 //! `VBLK_READS` (default 20000), `VBLK_WRITES` (MiB, default 128), `VBLK_QD`, `VBLK_WQD`,
 //! `VBLK_IMAGE_MIB` (default 256), `VBLK_STATS=1` (one more run of ours per configuration with
 //! `-o stats.print=true -o stats.histograms=true`, its exit statistics printed), `BHYVE_BIN=PATH`
-//! (another build of ours). QEMU comes from Debian's `qemu-system-x86` package; without it only
+//! (another build of ours), `VBLK_B_OPTS=OPTS` (an A/B: a third monitor in every repetition, ours
+//! with `,OPTS` after the image, e.g. `eagerwb=off`; its figures are printed as ours/B). QEMU comes from Debian's `qemu-system-x86` package; without it only
 //! our figures are printed.
 //!
 //! Both monitors see the same host semantics: the image is an ordinary file, read and written
@@ -125,6 +126,8 @@ struct Bench {
     image: PathBuf,
     sockets: PathBuf,
     bhyve: String,
+    /// Device options of the B side of an A/B (`VBLK_B_OPTS`).
+    b_opts: Option<String>,
     reads: u64,
     writes: u64,
     image_mib: u64,
@@ -148,6 +151,17 @@ impl Bench {
     }
 
     fn ours(&mut self, c: Config, seed: u64, extra: &[&str]) -> Command {
+        self.ours_with(c, seed, extra, None)
+    }
+
+    /// Ours, with `dev_opts` appended to the virtio-blk options.
+    fn ours_with(
+        &mut self,
+        c: Config,
+        seed: u64,
+        extra: &[&str],
+        dev_opts: Option<&str>,
+    ) -> Command {
         self.serial += 1;
         let mut cmd = Command::new(&self.bhyve);
         cmd.env("BHYVE_RS_SOCKET_DIR", &self.sockets)
@@ -156,7 +170,10 @@ impl Bench {
             .arg("-o")
             .arg(format!("boot.cmdline={}", self.cmdline(c, seed, None)))
             .arg("-s")
-            .arg(format!("4,virtio-blk,{}", self.image.display()))
+            .arg(match dev_opts {
+                Some(o) => format!("4,virtio-blk,{},{o}", self.image.display()),
+                None => format!("4,virtio-blk,{}", self.image.display()),
+            })
             .args(extra)
             .arg(format!("vblk-{}-{}", std::process::id(), self.serial));
         cmd
@@ -268,6 +285,7 @@ fn main() {
         image: dir.join("disk.img"),
         sockets,
         bhyve: std::env::var("BHYVE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_bhyve").into()),
+        b_opts: std::env::var("VBLK_B_OPTS").ok().filter(|o| !o.is_empty()),
         reads: env_u64("VBLK_READS", 20000),
         writes: env_u64("VBLK_WRITES", 128),
         image_mib: env_u64("VBLK_IMAGE_MIB", 256),
@@ -309,6 +327,7 @@ fn main() {
     ];
     let mut ours: Vec<Samples> = configs.iter().map(|_| Samples::default()).collect();
     let mut theirs: Vec<Samples> = configs.iter().map(|_| Samples::default()).collect();
+    let mut ours_b: Vec<Samples> = configs.iter().map(|_| Samples::default()).collect();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("load average before: {}", load.trim());
     let mut seed = 1u64;
@@ -318,6 +337,12 @@ fn main() {
             let what = format!("ours rep {rep} msix={} qd={}", c.msix, c.qd);
             let cmd = b.ours(c, seed, &[]);
             b.sample(cmd, &what, seed, &mut ours[i]);
+            if let Some(opts) = b.b_opts.clone() {
+                seed += 1;
+                let what = format!("ours,{opts} rep {rep} msix={} qd={}", c.msix, c.qd);
+                let cmd = b.ours_with(c, seed, &[], Some(&opts));
+                b.sample(cmd, &what, seed, &mut ours_b[i]);
+            }
             if have_qemu {
                 seed += 1;
                 let what = format!("QEMU rep {rep} msix={} qd={}", c.msix, c.qd);
@@ -395,7 +420,12 @@ fn main() {
             c.qd,
             c.wqd
         );
-        for (who, s) in [("ours", &ours[i]), ("QEMU", &theirs[i])] {
+        let b_name = format!("ours,{}", b.b_opts.as_deref().unwrap_or(""));
+        for (who, s) in [
+            ("ours", &ours[i]),
+            (b_name.as_str(), &ours_b[i]),
+            ("QEMU", &theirs[i]),
+        ] {
             if !s.iops.is_empty() || s.discarded > 0 {
                 println!(
                     "- {what} {who}: {} | {} | {}{}",
@@ -409,6 +439,36 @@ fn main() {
                     }
                 );
             }
+        }
+    }
+    if let Some(opts) = &b.b_opts {
+        println!(
+            "\nA/B: ours (A) against ours with `,{opts}` (B), medians (B's own ratio to QEMU \
+             in brackets)\n"
+        );
+        println!("| completion | read qd | A IOPS | B IOPS | A/B | write qd | A MB/s (to FLUSH done) | B MB/s | A/B | A MB/s (writes only) | B MB/s (writes only) | A/B |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for (i, c) in configs.iter().enumerate() {
+            let (o, x, t) = (&ours[i], &ours_b[i], &theirs[i]);
+            let (oi, xi, ti) = (median(&o.iops), median(&x.iops), median(&t.iops));
+            let (om, xm, tm) = (median(&o.mbps), median(&x.mbps), median(&t.mbps));
+            let (ow, xw, tw) = (
+                median(&o.mbps_writes),
+                median(&x.mbps_writes),
+                median(&t.mbps_writes),
+            );
+            println!(
+                "| {} | {} | {oi:.0} | {xi:.0} ({}) | {:.2} | {} | {om:.0} | {xm:.0} ({}) | {:.2} | {ow:.0} | {xw:.0} ({}) | {:.2} |",
+                if c.msix { "MSI-X" } else { "polled" },
+                c.qd,
+                ratio(xi, ti),
+                oi / xi,
+                c.wqd,
+                ratio(xm, tm),
+                om / xm,
+                ratio(xw, tw),
+                ow / xw,
+            );
         }
     }
     println!(

@@ -967,6 +967,14 @@ fn print_pci_stats(pci: &crate::pci::PciSetup, routes: &vcpu_runner::GsiRoutes) 
             ),
             ("virtio chains completed", get(&m.virtio.chains)),
             ("virtio queue interrupts", get(&m.virtio.queue_interrupts)),
+            (
+                "bytes written back early (eagerwb)",
+                get(&m.virtio.writeback_started),
+            ),
+            (
+                "early writebacks failed (eagerwb)",
+                get(&m.virtio.writeback_errors),
+            ),
         ];
         for (what, v) in rows {
             let _ = writeln!(err, "  {:<58} {v}", format!("{} {} {what}", m.at, m.name));

@@ -278,6 +278,61 @@ fn virtio_blk_writes_flushes_and_reads_back_the_pattern_and_the_image_holds_it()
 }
 
 #[test]
+fn virtio_blk_eager_writeback_option_keeps_writes_exact_and_a_bad_value_is_refused() {
+    let dir = work_dir("eagerwb");
+    let img = dir.join("disk.img");
+    let mib = 1usize << 20;
+    let before = background(16 * mib);
+    for (opt, seed) in [("eagerwb=1M", 11u64), ("eagerwb=off", 12)] {
+        std::fs::write(&img, &before).unwrap();
+        let mut args = dev(&format!("4,virtio-blk,{},{opt}", img.display()));
+        args.extend(["-o".to_string(), "stats.print=true".to_string()]);
+        // 8 sequential 1 MiB writes, 4 in flight, then a FLUSH.
+        let o = run(
+            &dir,
+            "virtio_blk",
+            &format!("msix=1 swrite=8 wqd=4 seed={seed}"),
+            &args,
+        );
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(guests::STATUS_OK), "{opt}: {out}");
+        assert!(out.contains("BENCH swrite ops=8 "), "{opt}: {out}");
+        let after = std::fs::read(&img).unwrap();
+        assert_eq!(after.len(), before.len(), "{opt}: the image changed size");
+        assert!(after[..mib] == pattern(seed, mib)[..], "{opt}: first MiB");
+        assert!(
+            after[8 * mib..] == before[8 * mib..],
+            "{opt}: bytes after the written 8 MiB changed"
+        );
+        let err = stderr(&o);
+        assert_eq!(
+            counter(&err, "4.0 virtio-blk early writebacks failed (eagerwb)"),
+            Some(0),
+            "{opt}"
+        );
+        let early = counter(&err, "4.0 virtio-blk bytes written back early (eagerwb)");
+        if opt == "eagerwb=off" {
+            assert_eq!(early, Some(0), "{opt}");
+        } else {
+            // How much was started before the FLUSH synced it all depends on scheduling.
+            assert!(early.is_some_and(|b| b <= 8 << 20), "{opt}: {early:?}");
+        }
+    }
+    let o = run(
+        &dir,
+        "virtio_blk",
+        "msix=1",
+        &dev(&format!("4,virtio-blk,{},eagerwb=lots", img.display())),
+    );
+    assert_ne!(o.status.code(), Some(guests::STATUS_OK));
+    let err = stderr(&o);
+    assert!(
+        err.contains("bad value for 'eagerwb=lots'"),
+        "the refusal names the option: {err}"
+    );
+}
+
+#[test]
 fn virtio_msix_by_irqfd_masked_vector_pends_and_unmask_delivers_and_route_churn_is_cheap() {
     let dir = work_dir("irqfd");
     let churn = 5_000u64;

@@ -91,6 +91,11 @@ pub struct VirtioStats {
     /// Requests in flight now (a gauge, not a counter: popped from the ring, not yet in the used
     /// ring; virtio-blk with I/O threads).
     pub in_flight: AtomicU64,
+    /// Bytes whose writeback to the host's storage was started as soon as their write completed
+    /// (virtio-blk eager writeback).
+    pub writeback_started: AtomicU64,
+    /// Eager writebacks the host failed to start (other than not supporting them).
+    pub writeback_errors: AtomicU64,
 }
 
 impl VirtioStats {

@@ -3,10 +3,15 @@
 //!
 //! | emulation | options |
 //! |---|---|
-//! | `virtio-blk` | `PATH[,ro][,nocache][,nodelete][,sync\|direct][,ser=ID][,sectorsize=N[/M]]` |
+//! | `virtio-blk` | `PATH[,ro][,nocache][,nodelete][,sync\|direct][,ser=ID][,sectorsize=N[/M]][,eagerwb=SIZE\|off]` |
 //! | `virtio-net` | `TAP[,mac=xx:xx:xx:xx:xx:xx][,mtu=N]` (also `backend=TAP`) |
 //! | `virtio-console` | `stdio`, `file=PATH`, `unix=PATH`, or bhyve's `port1=PATH` (a listening socket) |
 //! | `virtio-rnd` | none |
+//!
+//! `eagerwb=` is this monitor's own (bhyve has no such option): see
+//! [`crate::blk::Block::set_eager_writeback`]. SIZE is bytes with an optional `K`, `M` or `G`
+//! suffix (powers of 1024); `off` or 0 turns it off; the default is
+//! [`crate::blk::DEFAULT_EAGER_WRITEBACK`].
 //!
 //! Every error names the option at fault. Options bhyve accepts but this monitor does not
 //! implement (`nocache`, `sectorsize=`) are accepted and reported in [`Parsed::ignored`], never
@@ -180,6 +185,13 @@ fn parse_blk(opts: &[&str]) -> Result<Parsed, OptionError> {
                 }
                 o.serial = Some(v.to_string());
             }
+            ("eagerwb", Some(v)) => {
+                o.eager_writeback = Some(if v == "off" {
+                    0
+                } else {
+                    parse_size(v).ok_or(bad("a size (bytes, or with a K, M or G suffix) or 'off'"))?
+                });
+            }
             ("sectorsize", Some(v)) => {
                 let ok = v
                     .split('/')
@@ -194,7 +206,9 @@ fn parse_blk(opts: &[&str]) -> Result<Parsed, OptionError> {
             ("ro" | "nodelete" | "sync" | "direct" | "nocache", Some(_)) => {
                 return Err(bad("this option takes no value"))
             }
-            ("ser" | "sectorsize", None) => return Err(bad("this option needs a value")),
+            ("ser" | "sectorsize" | "eagerwb", None) => {
+                return Err(bad("this option needs a value"))
+            }
             _ => {
                 return Err(OptionError::Unknown {
                     device: D,
@@ -207,6 +221,20 @@ fn parse_blk(opts: &[&str]) -> Result<Parsed, OptionError> {
         spec: DeviceSpec::Block(o),
         ignored,
     })
+}
+
+/// Parses `N`, `NK`, `NM` or `NG` (also lower case; powers of 1024) into bytes.
+fn parse_size(v: &str) -> Option<u64> {
+    let (num, shift) = match v.as_bytes().last()? {
+        b'k' | b'K' => (v.get(..v.len() - 1)?, 10),
+        b'm' | b'M' => (v.get(..v.len() - 1)?, 20),
+        b'g' | b'G' => (v.get(..v.len() - 1)?, 30),
+        _ => (v, 0),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
 }
 
 /// Parses `xx:xx:xx:xx:xx:xx` (hex, one or two digits a byte). Multicast addresses are refused,
@@ -364,6 +392,7 @@ mod tests {
                 sync: true,
                 no_delete: true,
                 serial: Some("ABC123".into()),
+                eager_writeback: None,
             })
         );
         let p = parse("virtio-blk,/d,nocache,sectorsize=4096/4096").unwrap();
@@ -404,6 +433,22 @@ mod tests {
     }
 
     #[test]
+    fn eager_writeback_takes_a_size_or_off() {
+        let wb = |s: &str| match spec(&format!("virtio-blk,/d,{s}")) {
+            DeviceSpec::Block(o) => o.eager_writeback,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(wb("ro"), None, "not given: the device's default");
+        assert_eq!(wb("eagerwb=off"), Some(0));
+        assert_eq!(wb("eagerwb=0"), Some(0));
+        assert_eq!(wb("eagerwb=4096"), Some(4096));
+        assert_eq!(wb("eagerwb=64K"), Some(64 << 10));
+        assert_eq!(wb("eagerwb=64k"), Some(64 << 10));
+        assert_eq!(wb("eagerwb=1M"), Some(1 << 20));
+        assert_eq!(wb("eagerwb=2g"), Some(2 << 30));
+    }
+
+    #[test]
     fn errors_name_the_bad_option() {
         let cases = [
             ("virtio-blk", "missing image path"),
@@ -417,6 +462,19 @@ mod tests {
             ("virtio-blk,/d,ro,ro", "'ro' given more than once"),
             ("virtio-blk,/d,sync,direct", "'direct' given more than once"),
             ("virtio-blk,/d,sectorsize=1000", "'sectorsize=1000'"),
+            ("virtio-blk,/d,eagerwb", "'eagerwb'"),
+            ("virtio-blk,/d,eagerwb=", "'eagerwb='"),
+            ("virtio-blk,/d,eagerwb=on", "'eagerwb=on'"),
+            ("virtio-blk,/d,eagerwb=1T", "'eagerwb=1T'"),
+            ("virtio-blk,/d,eagerwb=-1", "'eagerwb=-1'"),
+            (
+                "virtio-blk,/d,eagerwb=99999999999G",
+                "'eagerwb=99999999999G'",
+            ),
+            (
+                "virtio-blk,/d,eagerwb=off,eagerwb=1M",
+                "'eagerwb=1M' given more than once",
+            ),
             ("virtio-net", "missing tap interface name"),
             (
                 "virtio-net,tap0,mac=01:00:00:00:00:01",

@@ -73,8 +73,14 @@ fn pattern(i: u64, len: usize) -> Vec<u8> {
 }
 
 fn device(f: std::fs::File, threads: usize) -> (Harness, Driver) {
+    device_wb(f, threads, blk::DEFAULT_EAGER_WRITEBACK)
+}
+
+/// A device with `threads` I/O threads and eager writeback from `wb` bytes (0: off).
+fn device_wb(f: std::fs::File, threads: usize, wb: u64) -> (Harness, Driver) {
     let mut b = Block::from_file(f, false, true, "INFLIGHT").unwrap();
     b.set_io_threads(threads);
+    b.set_eager_writeback(wb);
     let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let h = Harness::with_memory(Box::new(b), Execution::Worker, mem).unwrap();
     let mut d = h.driver();
@@ -157,6 +163,64 @@ fn writes_run_in_parallel_complete_out_of_order_and_a_flush_waits_for_them() {
     drop(d);
     drop(h);
     let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn eager_writeback_starts_for_large_writes_only_and_a_flush_still_syncs_everything() {
+    for (threads, wb) in [(0, blk::DEFAULT_EAGER_WRITEBACK), (2, 64 << 10), (2, 0)] {
+        let what = format!("{threads} I/O threads, eager writeback from {wb} bytes");
+        let (f, path) = image(4 << 20);
+        let (h, mut d) = device_wb(f, threads, wb);
+        // Four sequential 128 KiB writes in flight together, then a 4 KiB one alone.
+        for i in 0..4u64 {
+            d.mem
+                .write_slice(&pattern(i, SLOT as usize), GuestAddress(data(i)))
+                .unwrap();
+            push(&mut d, i, blk::req::OUT, i * STRIDE, SLOT as u32);
+        }
+        d.notify(0);
+        for _ in 0..4 {
+            d.wait_used(0, T).unwrap();
+        }
+        d.mem
+            .write_slice(&pattern(4, 4096), GuestAddress(data(4)))
+            .unwrap();
+        push(&mut d, 4, blk::req::OUT, 4 * STRIDE, 4096);
+        d.notify(0);
+        d.wait_used(0, T).unwrap();
+        let s = h.lock().stats().clone();
+        // The 512 KiB range is started once the writes pause (a few ms); the 4 KiB write is
+        // below the threshold.
+        let want = if wb > 0 { 4 * SLOT } else { 0 };
+        let t = std::time::Instant::now();
+        while s.writeback_started.load(Ordering::Relaxed) < want {
+            assert!(t.elapsed() < T, "{what}: writeback never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(s.writeback_started.load(Ordering::Relaxed), want, "{what}");
+        assert_eq!(s.writeback_errors.load(Ordering::Relaxed), 0, "{what}");
+        // The FLUSH still answers OK after all of it, and the image holds every write.
+        let flush = push(&mut d, 5, blk::req::FLUSH, 0, 0);
+        d.notify(0);
+        assert_eq!(d.wait_used(0, T).unwrap().0, u32::from(flush), "{what}");
+        for i in 0..6u64 {
+            assert_eq!(
+                d.mem.read_obj::<u8>(GuestAddress(status(i))).unwrap(),
+                blk::status::OK,
+                "{what}: request {i}"
+            );
+        }
+        let file = std::fs::File::open(&path).unwrap();
+        for (i, len) in [(0u64, SLOT), (1, SLOT), (2, SLOT), (3, SLOT), (4, 4096)] {
+            let mut got = vec![0u8; len as usize];
+            file.read_exact_at(&mut got, i * STRIDE * 512).unwrap();
+            assert!(got == pattern(i, len as usize), "{what}: write {i}");
+        }
+        drop(d);
+        drop(h);
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 #[test]
