@@ -62,6 +62,9 @@ outer_timeout=${RIG_CI_TIMEOUT:-840}
 # Silence (no console output from the outer VM) that counts as an L1 hang: the harness's own
 # per-guest timeout plus a margin, so a guest that merely hangs is reported by the harness.
 stall=${RIG_CI_STALL:-$((guest_timeout + 40))}
+# L1's kernel command line. init_on_free=1 zeroes pages as L1 frees them, so TCG drops the code
+# it translated from an earlier inner guest's pages (rig/README.md, "Inner-guest triple faults").
+l1_append=${RIG_CI_L1_APPEND-init_on_free=1}
 
 summary=()
 failed=
@@ -139,7 +142,7 @@ show_results() { # RESULTS-FILE
 rig_once() { # OUT-DIR
     local rc=0
     rig/run.sh --bhyve "$bhyve" --guest-timeout "$guest_timeout" --timeout "$outer_timeout" \
-        --stall "$stall" --out "$1" || rc=$?
+        --stall "$stall" ${l1_append:+--l1-append "$l1_append"} --out "$1" || rc=$?
     echo "--- checks (from $1/results.txt)"
     show_results "$1/results.txt"
     return "$rc"
