@@ -144,7 +144,7 @@ pub struct Config {
     pub socket_dir: PathBuf,
     /// Print exit statistics on stop.
     pub print_stats: bool,
-    /// `-o memory.thp=BOOL`: advise guest RAM for transparent huge pages (default true).
+    /// `-o memory.thp=BOOL`: advise guest RAM above 2 MiB for transparent huge pages (default true).
     pub huge_pages: bool,
     /// Pin vCPU threads to host CPUs.
     pub pin: bool,
@@ -194,7 +194,7 @@ Usage: bhyve [-AHPuw] [-c [cpus=]N] [-k config_file] [-l lpcdev[,conf]] [-m mems
         vmm.socket_dir=DIR   control sockets (default $BHYVE_RS_SOCKET_DIR or /run/bhyve-rs);
                              bhyvectl --vm=NAME talks to DIR/NAME
         test.devices=true    scratch devices for the project's test guests
-        memory.thp=BOOL      advise guest RAM for transparent huge pages (default true;
+        memory.thp=BOOL      advise guest RAM above 2 MiB for transparent huge pages (default true;
                              false starts a short-lived guest sooner)
         stats.print=true     print exit counters when the VM stops
         stats.histograms=true  print exit latency histograms (p50/p99/p99.9/max) at the stop
