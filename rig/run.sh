@@ -35,8 +35,8 @@
 #                        rig/test/fake-bhyve.sh needs it)
 #   --timeout S          limit for the whole outer VM (default: enough for every inner
 #                        run to reach --guest-timeout, plus 180 s; --payload 1200)
-#   --l1-smp N, --l1-mem SIZE, --l1-cpu MODEL, --l1-append STR
-#                        outer VM settings (default 2, 2G, max, ""; --compare:
+#   --l1-smp N, --l1-mem SIZE, --l1-cpu MODEL, --l1-append STR, --l1-accel STR
+#                        outer VM settings (default 2, 2G, max, "", tcg; --compare:
 #                        --l1-append defaults to "init_on_free=1", see rig/README.md)
 #   --stall S            stop the outer VM when its console is silent for S seconds (default:
 #                        --guest-timeout + 100 for --peer/--bhyve/--compare, 0 = off for --payload)
@@ -87,6 +87,7 @@ l1_smp=2
 l1_mem=2G
 l1_append=-
 l1_cpu=max
+l1_accel=tcg
 out=
 stall=
 verbose=0
@@ -111,6 +112,7 @@ while (($#)); do
         --l1-mem) need "$@"; l1_mem=$2; shift 2 ;;
         --l1-append) need "$@"; l1_append=$2; shift 2 ;;
         --l1-cpu) need "$@"; l1_cpu=$2; shift 2 ;;
+        --l1-accel) need "$@"; l1_accel=$2; shift 2 ;;
         --out) need "$@"; out=$2; shift 2 ;;
         --stall) need "$@"; stall=$2; shift 2 ;;
         -v | --verbose) verbose=1; shift ;;
@@ -378,11 +380,11 @@ if [[ $rootfs == 1 ]]; then
     drive=(-drive "file=$rootfs_img,format=raw,if=virtio")
 fi
 prep_s=$(($(date +%s) - started))
-rig_log "starting the outer VM (TCG, -cpu $l1_cpu, -smp $l1_smp, -m $l1_mem, limit ${outer_timeout}s); console: $log"
+rig_log "starting the outer VM (-accel $l1_accel, -cpu $l1_cpu, -smp $l1_smp, -m $l1_mem, limit ${outer_timeout}s); console: $log"
 # L1's boot-time 8254 check busy-waits and once failed on a loaded host (L1 panics "IO-APIC +
 # timer doesn't work", reported as l1-boot); no_timer_check would skip it, but it was in place
 # during three of the four L1 hangs seen (rig/README.md), so the rig keeps the stock behaviour.
-qemu_cmd=(qemu-system-x86_64 -accel tcg -cpu "$l1_cpu" -smp "$l1_smp" -m "$l1_mem"
+qemu_cmd=(qemu-system-x86_64 -accel "$l1_accel" -cpu "$l1_cpu" -smp "$l1_smp" -m "$l1_mem"
     -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot
     -kernel "$l1_kernel" -initrd "$initrd" "${drive[@]}"
     -append "console=ttyS0 panic=-1 quiet${l1_append:+ $l1_append}")
@@ -438,6 +440,7 @@ awk -v dir="$out/consoles" '
     [[ -n $guest_pkg ]] && printf 'rig.guest_kernel_package=%s\n' "$guest_pkg"
     [[ -n $qemu_ver ]] && printf 'rig.qemu_package=%s\n' "qemu-system-x86=$qemu_ver"
     printf 'rig.l1_append=%s\n' "$l1_append"
+    printf 'rig.l1_accel=%s\n' "$l1_accel"
     printf 'rig.prepare_s=%s\n' "$prep_s"
     printf 'rig.outer_vm_s=%s\n' "$outer_s"
 } >"$results"

@@ -28,7 +28,8 @@
 # RIG_CI_TARGET_DIR (default target/static), RIG_CI_GUEST_TIMEOUT (one inner VM, default
 # 150 s), RIG_CI_TIMEOUT (the whole outer VM of the rig step, default 840 s), RIG_CI_STALL
 # (console silence that counts as an L1 hang, default guest timeout + 40 s; the rig step is
-# retried once after such a hang, see rig()).
+# retried once after such a hang or another failure only the emulator is known to cause, see
+# emulator_fault()).
 # Output: DIR (default .cache/rig/ci/DATE) holds STEP.log per step and each rig run's folder
 # (results.txt, console.log, consoles/). Exit status 0 if every step passed, 1 if one
 # failed (named on the last line, with the tail of its log), 2 usage.
@@ -68,6 +69,7 @@ l1_append=${RIG_CI_L1_APPEND-init_on_free=1}
 
 summary=()
 failed=
+retried=
 t_all=$(date +%s)
 
 # step NAME CMD...: run CMD, its output into NAME.log; record PASS/FAIL and the time.
@@ -133,31 +135,35 @@ show_results() { # RESULTS-FILE
     grep -E '^bhyve_c1[.]rootfs[.](root|write|host_[a-z]+)=|^bhyve_c1[.]net[.](guest_net|guest_ping_[0-9]+|l1_ping|guest_pinged_by_l1)=' "$1" || true
 }
 
-# The outer VM (QEMU TCG emulating SVM) occasionally stops for good with no output: TCG spins
-# in its nested-SVM code and nothing inside L1, not even the harness's own timeouts, can react
-# (rig/README.md, "L1 hangs"). run.sh's stall watchdog reports that as step l1-stall (status
-# 20). That is the emulator, not a check failing, so the rig step runs once more when, and
-# only when, the first attempt ended in l1-stall; the retry is announced and both attempts'
-# folders are kept. Any other failure fails at once.
+# why_failed, emulator_fault
+# shellcheck source-path=SCRIPTDIR source=../lib/ci.sh
+. "$repo/rig/lib/ci.sh"
+
 rig_once() { # OUT-DIR
     local rc=0
     rig/run.sh --bhyve "$bhyve" --guest-timeout "$guest_timeout" --timeout "$outer_timeout" \
         --stall "$stall" ${l1_append:+--l1-append "$l1_append"} --out "$1" || rc=$?
     echo "--- checks (from $1/results.txt)"
     show_results "$1/results.txt"
+    [[ $rc == 0 ]] || why_failed "$1"
     return "$rc"
 }
 
+# The rig step runs once more when, and only when, the first attempt failed in a way only the
+# emulator is known to cause (emulator_fault); the retry is announced, both attempts' folders are
+# kept, and the retry must pass in full. Any other failure fails at once.
 rig() {
     local rc=0
     rig_once "$out/rig" || rc=$?
-    if [[ $rc == 20 ]] && grep -qx 'rig.failed_step=l1-stall' "$out/rig/results.txt" 2>/dev/null; then
-        echo "rig CI: RETRY: the outer VM hung (l1-stall, a known QEMU TCG nested-SVM hang; console tail:"
-        tail -n 5 "$out/rig/console.log" 2>/dev/null | awk '{ print "  | " $0 }'
-        echo "rig CI: running the rig step once more into $out/rig-retry)"
+    if [[ $rc != 0 ]] && emulator_fault "$out/rig"; then
+        echo "rig CI: RETRY: the first attempt failed only in a way the emulator is known to cause"
+        echo "rig CI: ($(sed -n 's/^rig[.]failed_step=//p' "$out/rig/results.txt" | tail -n 1); see rig/README.md); outer console tail:"
+        tail -n 5 "$out/rig/console.log" 2>/dev/null | tr -d '\r' | cut -c1-160 | awk '{ print "  | " $0 }'
+        echo "rig CI: running the rig step once more into $out/rig-retry"
+        retried="first attempt failed with $(sed -n 's/^rig[.]failed_step=//p' "$out/rig/results.txt" | tail -n 1) (kept in $out/rig)"
         rc=0
         rig_once "$out/rig-retry" || rc=$?
-        [[ $rc == 0 ]] && echo "rig CI: rig passed on the retry after one l1-stall"
+        [[ $rc == 0 ]] && echo "rig CI: rig passed on the retry (first attempt kept in $out/rig)"
     fi
     return "$rc"
 }
@@ -197,6 +203,7 @@ if [[ -z $bhyve || ! -x $bhyve ]]; then
     skip selftest "no bhyve binary"
 else
     step rig rig || true
+    [[ -z $retried ]] || summary+=("NOTE  rig ran twice: the $retried")
     if [[ $selftest == 1 ]]; then step selftest selftest_marker_missing || true; else skip selftest "--skip-selftest"; fi
     if [[ $compare == 1 ]]; then step compare compare_run || true; else skip compare "figures only; --compare to run"; fi
 fi
@@ -204,6 +211,11 @@ fi
 printf '\n=== rig CI summary (%ss in all; logs in %s)\n' "$(($(date +%s) - t_all))" "$out"
 printf '  %s\n' "${summary[@]}"
 if [[ -n $failed ]]; then
+    if [[ $failed == rig ]]; then
+        last=$out/rig
+        [[ -d $out/rig-retry ]] && last=$out/rig-retry
+        why_failed "$last"
+    fi
     echo "rig CI: FAIL (first failed step: $failed)"
     exit 1
 fi
