@@ -109,6 +109,21 @@ fn triple_fault_exits_with_status_3() {
     let o = run("triple", &[]);
     assert_eq!(o.status.code(), Some(3));
     assert!(!stdout(&o).contains("FAIL"));
+    // Where it happened: the guest's `ud2` in ring 0 of long mode, with the empty IDT it loaded.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("vcpu 0: triple fault"))
+        .unwrap_or_else(|| panic!("no triple-fault report on stderr: {err}"));
+    for want in [
+        "rip=0x",
+        "cs=0x",
+        "(dpl 0, 64-bit)",
+        "cr3=0x",
+        "idt=0x0/0x0",
+    ] {
+        assert!(line.contains(want), "{want:?} missing from {line:?}");
+    }
 }
 
 #[test]

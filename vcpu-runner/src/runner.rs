@@ -61,6 +61,42 @@ fn run_op<V: Vcpu>(vcpu: &mut V, op: VcpuOp) -> VcpuOpResult {
     r.unwrap_or_else(|e| VcpuOpResult::Failed(e.to_string()))
 }
 
+/// One line on the state a vCPU shut down in (a triple fault): instruction and stack pointers,
+/// flags, code segment, control registers, EFER and the descriptor tables.
+pub fn triple_fault_report<V: Vcpu>(vcpu: &V, id: u32) -> String {
+    let regs = match vcpu.regs() {
+        Ok(r) => format!("rip={:#x} rsp={:#x} rflags={:#x}", r.rip, r.rsp, r.rflags),
+        Err(e) => format!("(registers unreadable: {e})"),
+    };
+    let sregs = match vcpu.sregs() {
+        Ok(s) => format!(
+            "cs={:#x} (dpl {}, {}) cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
+             idt={:#x}/{:#x} gdt={:#x}/{:#x} tr={:#x}",
+            s.cs.selector,
+            s.cs.dpl,
+            if s.cs.l {
+                "64-bit"
+            } else if s.cs.db {
+                "32-bit"
+            } else {
+                "16-bit"
+            },
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.idt.base,
+            s.idt.limit,
+            s.gdt.base,
+            s.gdt.limit,
+            s.tr.selector,
+        ),
+        Err(e) => format!("(special registers unreadable: {e})"),
+    };
+    format!("vcpu {id}: triple fault (the CPU shut down): {regs} {sregs}")
+}
+
 /// Runs `vcpu` until it stops. Call on the vCPU's own (pinned) thread.
 pub fn run_vcpu<V: Vcpu, S: SlowPath>(
     vcpu: &mut V,
@@ -119,6 +155,11 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
                 let action = handler.handle(exit);
                 // The handler's own time (a third clock read, ~9 ns).
                 handler.probe().handled();
+                if action == Action::Stop(VmRequest::TripleFault) {
+                    // Where the guest was when its CPU shut down: what anyone debugging the
+                    // guest (or us) needs first.
+                    eprintln!("{}", triple_fault_report(vcpu, control.id()));
+                }
                 Some(action)
             }
             Err(e) => Some(Action::Fail(format!("vCPU {}: {e}", control.id()))),
