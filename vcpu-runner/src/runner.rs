@@ -9,7 +9,7 @@
 //!     └──────────────────▶ Stopping  (thread leaves the loop, acknowledges, unregisters)
 //! ```
 
-use crate::backend::{MpState, Vcpu, VmExit};
+use crate::backend::{MpState, Regs, SpecialRegs, Vcpu, VmExit};
 use crate::control::{register_vcpu_thread, RunState, VcpuControl, VcpuOp, VcpuOpResult};
 use crate::handler::{Action, ExitHandler, SlowPath};
 use stages::VmRequest;
@@ -64,11 +64,12 @@ fn run_op<V: Vcpu>(vcpu: &mut V, op: VcpuOp) -> VcpuOpResult {
 /// One line on the state a vCPU shut down in (a triple fault): instruction and stack pointers,
 /// flags, code segment, control registers, EFER and the descriptor tables.
 pub fn triple_fault_report<V: Vcpu>(vcpu: &V, id: u32) -> String {
-    let regs = match vcpu.regs() {
+    let (regs, sregs) = (vcpu.regs(), vcpu.sregs());
+    let r = match &regs {
         Ok(r) => format!("rip={:#x} rsp={:#x} rflags={:#x}", r.rip, r.rsp, r.rflags),
         Err(e) => format!("(registers unreadable: {e})"),
     };
-    let sregs = match vcpu.sregs() {
+    let s = match &sregs {
         Ok(s) => format!(
             "cs={:#x} (dpl {}, {}) cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
              idt={:#x}/{:#x} gdt={:#x}/{:#x} tr={:#x}",
@@ -94,7 +95,21 @@ pub fn triple_fault_report<V: Vcpu>(vcpu: &V, id: u32) -> String {
         ),
         Err(e) => format!("(special registers unreadable: {e})"),
     };
-    format!("vcpu {id}: triple fault (the CPU shut down): {regs} {sregs}")
+    let note = match (&regs, &sregs) {
+        (Ok(r), Ok(s)) if is_reset_state(r, s) => {
+            " (the reset state: the hypervisor re-initialised the vCPU, as KVM on AMD does, so \
+             where the guest was is lost)"
+        }
+        _ => "",
+    };
+    format!("vcpu {id}: triple fault (the CPU shut down): {r} {s}{note}")
+}
+
+/// Whether a vCPU's registers are the architectural reset state (real mode at the reset vector
+/// 0xF000:0xFFF0). KVM on AMD SVM re-initialises a vCPU on a shutdown intercept (the VMCB is
+/// undefined after one), so that is what a triple fault leaves there.
+pub fn is_reset_state(regs: &Regs, sregs: &SpecialRegs) -> bool {
+    regs.rip == 0xfff0 && sregs.cs.selector == 0xf000 && sregs.cr0 & 1 == 0
 }
 
 /// Runs `vcpu` until it stops. Call on the vCPU's own (pinned) thread.
@@ -184,4 +199,30 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
     control.ack(RunState::Stopping);
     control.clear_thread();
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_state_is_told_apart_from_a_real_fault_site() {
+        let mut r = Regs {
+            rip: 0xfff0,
+            ..Regs::default()
+        };
+        let mut s = SpecialRegs::default();
+        s.cs.selector = 0xf000;
+        s.cr0 = 0x10;
+        assert!(is_reset_state(&r, &s));
+        // Protected mode, another RIP or another CS: where a guest was, not a reset.
+        s.cr0 = 0x11;
+        assert!(!is_reset_state(&r, &s));
+        s.cr0 = 0x10;
+        r.rip = 0x1000;
+        assert!(!is_reset_state(&r, &s));
+        r.rip = 0xfff0;
+        s.cs.selector = 0x10;
+        assert!(!is_reset_state(&r, &s));
+    }
 }
