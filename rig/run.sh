@@ -38,13 +38,20 @@
 #   --l1-smp N, --l1-mem SIZE, --l1-cpu MODEL, --l1-append STR, --l1-accel STR
 #                        outer VM settings (default 2, 2G, max, "", tcg; --compare:
 #                        --l1-append defaults to "init_on_free=1", see rig/README.md)
+#   --l1-qemu PATH|backports
+#                        the emulator that runs the outer VM (default: qemu-system-x86_64 on
+#                        PATH; a ../share/qemu beside PATH is passed as -L); "backports":
+#                        Debian backports' QEMU, downloaded and extracted into the cache, not
+#                        installed (rig/README.md, "The outer VM's emulator"). Inner QEMU peers
+#                        are always the host's /usr/bin/qemu-system-x86_64
 #   --stall S            stop the outer VM when its console is silent for S seconds (default:
 #                        --guest-timeout + 100 for --peer/--bhyve/--compare, 0 = off for --payload)
 #   --out DIR            where to write results (default .cache/rig/runs/DATE-MODE)
 #   -v, --verbose        stream the outer VM's console to stderr while it runs
 #
 # Environment: BHYVE_RS_CACHE (cache root, default <repo>/.cache; the rig uses
-# its rig/ and debs/ and pkg/ subfolders).
+# its rig/ and debs/ and pkg/ subfolders, and qemu-outer/ and apt-*-backports/ for
+# --l1-qemu backports); RIG_L1_QEMU, RIG_L1_SMP (the defaults of --l1-qemu, --l1-smp).
 #
 # Output files in --out DIR: console.log (outer VM console), results.txt
 # (KEY=VALUE, one per RIG-RESULT line, plus rig.* lines), consoles/NAME.log
@@ -83,11 +90,12 @@ guest_append=
 guest_timeout=
 with_qemu=0
 outer_timeout=
-l1_smp=2
+l1_smp=${RIG_L1_SMP:-2}
 l1_mem=2G
 l1_append=-
 l1_cpu=max
 l1_accel=tcg
+l1_qemu=${RIG_L1_QEMU:-qemu-system-x86_64}
 out=
 stall=
 verbose=0
@@ -113,6 +121,7 @@ while (($#)); do
         --l1-append) need "$@"; l1_append=$2; shift 2 ;;
         --l1-cpu) need "$@"; l1_cpu=$2; shift 2 ;;
         --l1-accel) need "$@"; l1_accel=$2; shift 2 ;;
+        --l1-qemu) need "$@"; l1_qemu=$2; shift 2 ;;
         --out) need "$@"; out=$2; shift 2 ;;
         --stall) need "$@"; stall=$2; shift 2 ;;
         -v | --verbose) verbose=1; shift ;;
@@ -380,11 +389,20 @@ if [[ $rootfs == 1 ]]; then
     drive=(-drive "file=$rootfs_img,format=raw,if=virtio")
 fi
 prep_s=$(($(date +%s) - started))
-rig_log "starting the outer VM (-accel $l1_accel, -cpu $l1_cpu, -smp $l1_smp, -m $l1_mem, limit ${outer_timeout}s); console: $log"
+if [[ $l1_qemu == backports ]]; then
+    l1_qemu=$(rig_backports_qemu) || exit
+fi
+l1_qemu_opts=()
+l1_qemu_data=$(dirname "$(command -v "$l1_qemu" || echo "$l1_qemu")")/../share/qemu
+[[ $l1_qemu == qemu-system-x86_64 || ! -d $l1_qemu_data ]] || l1_qemu_opts=(-L "$l1_qemu_data")
+l1_qemu_version=$("$l1_qemu" --version 2>/dev/null | head -n 1) || l1_qemu_version=
+[[ -n $l1_qemu_version ]] ||
+    rig_die "$RIG_EX_HOST_TOOLS" host-tools "the outer VM's emulator '$l1_qemu' does not run"
+rig_log "starting the outer VM ($l1_qemu_version, -accel $l1_accel, -cpu $l1_cpu, -smp $l1_smp, -m $l1_mem, limit ${outer_timeout}s); console: $log"
 # L1's boot-time 8254 check busy-waits and once failed on a loaded host (L1 panics "IO-APIC +
 # timer doesn't work", reported as l1-boot); no_timer_check would skip it, but it was in place
 # during three of the four L1 hangs seen (rig/README.md), so the rig keeps the stock behaviour.
-qemu_cmd=(qemu-system-x86_64 -accel "$l1_accel" -cpu "$l1_cpu" -smp "$l1_smp" -m "$l1_mem"
+qemu_cmd=("$l1_qemu" "${l1_qemu_opts[@]}" -accel "$l1_accel" -cpu "$l1_cpu" -smp "$l1_smp" -m "$l1_mem"
     -nodefaults -no-user-config -display none -serial stdio -monitor none -no-reboot
     -kernel "$l1_kernel" -initrd "$initrd" "${drive[@]}"
     -append "console=ttyS0 panic=-1 quiet${l1_append:+ $l1_append}")
@@ -441,6 +459,7 @@ awk -v dir="$out/consoles" '
     [[ -n $qemu_ver ]] && printf 'rig.qemu_package=%s\n' "qemu-system-x86=$qemu_ver"
     printf 'rig.l1_append=%s\n' "$l1_append"
     printf 'rig.l1_accel=%s\n' "$l1_accel"
+    printf 'rig.l1_qemu=%s\n' "$l1_qemu_version"
     printf 'rig.prepare_s=%s\n' "$prep_s"
     printf 'rig.outer_vm_s=%s\n' "$outer_s"
 } >"$results"

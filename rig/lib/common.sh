@@ -239,3 +239,63 @@ rig_extract_vmlinux() {
         rig_die "$RIG_EX_BUILD" vmlinux "payload of $bz did not decompress to an ELF file"
     mv "$out.tmp" "$out"
 }
+
+# ---------------------------------------------------------------------------
+# The outer VM's emulator from Debian backports (rig/README.md, "The outer VM's emulator").
+# ---------------------------------------------------------------------------
+
+# rig_backports_qemu: download qemu-system-x86 and the two packages it needs beside it
+# (qemu-system-common, qemu-system-data) from <codename>-backports through a private apt
+# state under the cache (the host's apt sources and installed packages are not touched),
+# extract them once, and print the path of the extracted qemu-system-x86_64. Its shared
+# libraries are the host's (the same ones the host's own qemu-system-x86 pulls in); a missing
+# one is named.
+rig_backports_qemu() {
+    local cache codename suite apt_dir ver dir bin p deb missing
+    local -a apt_opts
+    cache=$(rig_cache_root)
+    codename=$(. /etc/os-release 2>/dev/null && printf '%s' "${VERSION_CODENAME:-}")
+    [[ -n $codename ]] || rig_die "$RIG_EX_DOWNLOAD" backports-qemu "no VERSION_CODENAME in /etc/os-release: which backports suite to use is unknown"
+    suite=$codename-backports
+    apt_dir=$cache/apt-$suite
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$apt_dir/debs"
+    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian %s main\n' \
+        "$suite" >"$apt_dir/sources.list"
+    apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o Dir::Etc::sourceparts=-
+        -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir" -o "Dir::Cache::archives=$apt_dir/archives"
+        -o APT::Sandbox::User=root)
+    # The lists are refreshed once a day: backports move, and an old list names .debs the
+    # mirror no longer has.
+    if [[ -z $(find "$apt_dir/lists" -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -n 1) ]]; then
+        rig_log "apt-get update ($suite, private lists in $apt_dir)"
+        apt-get -qq "${apt_opts[@]}" update >&2 ||
+            rig_die "$RIG_EX_DOWNLOAD" backports-qemu "apt-get update of $suite failed"
+    fi
+    # madison lists what the (private) sources offer, not what dpkg has installed.
+    ver=$(apt-cache "${apt_opts[@]}" madison qemu-system-x86 2>/dev/null | awk -F' *[|] *' 'NR == 1 { print $2 }')
+    [[ -n $ver ]] || rig_die "$RIG_EX_DOWNLOAD" backports-qemu "$suite has no qemu-system-x86"
+    dir=$cache/qemu-outer/qemu_${ver//:/%3a}
+    bin=$dir/usr/bin/qemu-system-x86_64
+    if [[ ! -f $dir/.extracted ]]; then
+        rm -rf "$dir.tmp"
+        mkdir -p "$dir.tmp"
+        for p in qemu-system-x86 qemu-system-common qemu-system-data; do
+            deb=$(compgen -G "$apt_dir/debs/${p}_${ver//:/%3a}_*.deb" | head -n 1 || true)
+            if [[ -z $deb ]]; then
+                rig_log "downloading $p $ver ($suite)"
+                (cd "$apt_dir/debs" && apt-get download -q "${apt_opts[@]}" "$p=$ver" >&2) ||
+                    rig_die "$RIG_EX_DOWNLOAD" backports-qemu "apt-get download $p=$ver ($suite) failed"
+                deb=$(compgen -G "$apt_dir/debs/${p}_${ver//:/%3a}_*.deb" | head -n 1 || true)
+                [[ -n $deb ]] || rig_die "$RIG_EX_DOWNLOAD" backports-qemu "apt-get download $p=$ver left no .deb in $apt_dir/debs"
+            fi
+            dpkg-deb -x "$deb" "$dir.tmp" || rig_die "$RIG_EX_DOWNLOAD" backports-qemu "dpkg-deb -x $deb failed"
+        done
+        rm -rf "$dir"
+        mv "$dir.tmp" "$dir"
+        touch "$dir/.extracted"
+    fi
+    [[ -x $bin ]] || rig_die "$RIG_EX_DOWNLOAD" backports-qemu "$bin is missing from the extracted packages"
+    missing=$(ldd "$bin" 2>/dev/null | awk '/not found/ { print $1 }' | tr '\n' ' ')
+    [[ -z $missing ]] || rig_die "$RIG_EX_HOST_TOOLS" backports-qemu "$bin needs shared libraries this host lacks: $missing(install the host's qemu-system-x86, which pulls them in)"
+    printf '%s\n' "$bin"
+}

@@ -107,10 +107,21 @@ dmesg_check() {
     fi
 }
 
+# More vCPUs than L1 has CPUs (the CI runs L1 with one: rig/README.md, "One CPU in L1"): raise
+# hw.vmm.maxcpu (default: the host's CPUs) through a tunables file, as an admin would on such a
+# host; the vCPU threads then share L1's CPU.
+l1_ncpu=$(grep -c '^processor' /proc/cpuinfo)
+vmm_conf=/tmp/bhyve-vmm.conf
+
 run_bhyve() { # NAME CPUS EXPECT CMDLINE [KERNEL-OPTIONS...]
     name=$1 cpus=$2 expect=$3 cmdline=$4
     shift 4
     [ $# -gt 0 ] || set -- -o "boot.kernel=$kernel"
+    if [ "$cpus" -gt "$l1_ncpu" ]; then
+        echo "hw.vmm.maxcpu=\"$cpus\"" >"$vmm_conf"
+        rig_result "$name.tunables" "hw.vmm.maxcpu=$cpus (L1 has $l1_ncpu CPU(s))"
+        set -- "$@" -o "vmm.tunables=$vmm_conf"
+    fi
     rig_guest_run "$name" "$RIG_GUEST_TIMEOUT" "$expect" /payload/bhyve -c "$cpus" -m 256M -l com1,stdio \
         "$@" -o "boot.initrd=$guest_initrd" -o "boot.cmdline=$cmdline" -o "vmm.socket_dir=$socks" "rig-$cpus"
     ret=$?

@@ -32,38 +32,25 @@ expect() { # WANT(retry|fail) DIR WHAT
     fi
 }
 
-d=$(mk stall 20 l1-stall "" "")
-expect retry "$d" "L1 went silent (l1-stall)"
-d=$(mk crash 20 l1-crash "" "")
-expect retry "$d" "L1 stopped without a result (l1-crash)"
-d=$(mk boot 20 l1-boot "" "")
-expect fail "$d" "L1 did not boot (l1-boot)"
-d=$(mk tf1 25 vmm-status $'bhyve_c1.quiet.vmm_status=3\nbhyve_c1.quiet.exit=triple-fault\nbhyve_c1.pvh.vmm_status=1\nbhyve_c1.pvh.exit=poweroff' \
-    $'RIG-FAIL step=vmm-status bhyve_c1.quiet: VMM exit status 3, expected 1\nRIG-FAIL step=dmesg-check bhyve_c1.quiet: the guest\'s dmesg is missing from its console')
-expect retry "$d" "one inner VM triple-faulted after its marker"
-d=$(mk tf2 23 marker-missing $'bhyve_c1.verbose.vmm_status=3\nbhyve_c1.verbose.exit=triple-fault' \
-    'RIG-FAIL step=marker-missing bhyve_c1.verbose: guest marker missing (VMM exit status 3)')
-expect retry "$d" "one inner VM triple-faulted before its marker"
-d=$(mk mixed 25 vmm-status $'bhyve_c1.quiet.vmm_status=3\nbhyve_c1.quiet.exit=triple-fault\nbhyve_c1.reboot.vmm_status=1\nbhyve_c1.reboot.exit=poweroff' \
-    $'RIG-FAIL step=vmm-status bhyve_c1.quiet: VMM exit status 3, expected 1\nRIG-FAIL step=vmm-status bhyve_c1.reboot: VMM exit status 1, expected 0')
-expect fail "$d" "a triple fault and a wrong status that is not one"
-d=$(mk status 25 vmm-status $'bhyve_c1.reboot.vmm_status=1\nbhyve_c1.reboot.exit=poweroff' \
-    'RIG-FAIL step=vmm-status bhyve_c1.reboot: VMM exit status 1, expected 0')
-expect fail "$d" "a wrong status alone"
-d=$(mk err 23 marker-missing $'bhyve_c1.quiet.vmm_status=4\nbhyve_c1.quiet.exit=error' \
-    'RIG-FAIL step=marker-missing bhyve_c1.quiet: guest marker missing (VMM exit status 4)')
-expect fail "$d" "the VMM stopped with an error before the marker"
-d=$(mk dmesg 1 dmesg-check $'bhyve_c1.quiet.vmm_status=1\nbhyve_c1.quiet.exit=poweroff' \
-    "RIG-FAIL step=dmesg-check bhyve_c1.quiet: unexpected warning in the guest's dmesg")
-expect fail "$d" "a warning in the guest's dmesg"
-d=$(mk l1dmesg 1 l1-dmesg $'bhyve_c1.quiet.vmm_status=3\nbhyve_c1.quiet.exit=triple-fault' \
-    $'RIG-FAIL step=vmm-status bhyve_c1.quiet: VMM exit status 3, expected 1\nRIG-FAIL step=l1-dmesg L1\'s kernel log has a warning: WARNING: CPU: 0 PID: 1 at arch/x86/kvm/svm/svm.c')
-expect fail "$d" "a triple fault and a warning in L1's log"
-d=$(mk timeout 24 guest-timeout $'bhyve_c1.quiet.vmm_status=143' \
-    'RIG-FAIL step=guest-timeout bhyve_c1.quiet: the VMM did not finish within 150s (marker missing)')
-expect fail "$d" "an inner VM that did not finish"
-d=$(mk nofail 1 "" "" "")
-expect fail "$d" "a failed payload without RIG-FAIL lines"
+# One case a line: WANT|NAME|STATUS|FAILED-STEP|RESULT LINES (;-separated)|RIG-FAIL LINES (;-separated)|WHAT
+while IFS='|' read -r want name status fstep results fails what; do
+    [[ -n $want && $want != '#'* ]] || continue
+    d=$(mk "$name" "$status" "$fstep" "$(tr ';' '\n' <<<"$results" | sed '/^$/d')" "$(tr ';' '\n' <<<"$fails" | sed '/^$/d')")
+    expect "$want" "$d" "$what"
+done <<'CASES'
+retry|stall|20|l1-stall|||L1 went silent (l1-stall)
+retry|crash|20|l1-crash|||L1 stopped without a result (l1-crash)
+fail|boot|20|l1-boot|||L1 did not boot (l1-boot)
+retry|tf1|25|vmm-status|bhyve_c1.quiet.vmm_status=3;bhyve_c1.quiet.exit=triple-fault;bhyve_c1.pvh.vmm_status=1;bhyve_c1.pvh.exit=poweroff|RIG-FAIL step=vmm-status bhyve_c1.quiet: VMM exit status 3, expected 1;RIG-FAIL step=dmesg-check bhyve_c1.quiet: the guest's dmesg is missing from its console|one inner VM triple-faulted after its marker
+retry|tf2|23|marker-missing|bhyve_c1.verbose.vmm_status=3;bhyve_c1.verbose.exit=triple-fault|RIG-FAIL step=marker-missing bhyve_c1.verbose: guest marker missing (VMM exit status 3)|one inner VM triple-faulted before its marker
+fail|mixed|25|vmm-status|bhyve_c1.quiet.vmm_status=3;bhyve_c1.quiet.exit=triple-fault;bhyve_c1.reboot.vmm_status=1;bhyve_c1.reboot.exit=poweroff|RIG-FAIL step=vmm-status bhyve_c1.quiet: VMM exit status 3, expected 1;RIG-FAIL step=vmm-status bhyve_c1.reboot: VMM exit status 1, expected 0|a triple fault and a wrong status that is not one
+fail|status|25|vmm-status|bhyve_c1.reboot.vmm_status=1;bhyve_c1.reboot.exit=poweroff|RIG-FAIL step=vmm-status bhyve_c1.reboot: VMM exit status 1, expected 0|a wrong status alone
+fail|err|23|marker-missing|bhyve_c1.quiet.vmm_status=4;bhyve_c1.quiet.exit=error|RIG-FAIL step=marker-missing bhyve_c1.quiet: guest marker missing (VMM exit status 4)|the VMM stopped with an error before the marker
+fail|dmesg|1|dmesg-check|bhyve_c1.quiet.vmm_status=1;bhyve_c1.quiet.exit=poweroff|RIG-FAIL step=dmesg-check bhyve_c1.quiet: unexpected warning in the guest's dmesg|a warning in the guest's dmesg
+fail|l1dmesg|1|l1-dmesg|bhyve_c1.quiet.vmm_status=3;bhyve_c1.quiet.exit=triple-fault|RIG-FAIL step=vmm-status bhyve_c1.quiet: VMM exit status 3, expected 1;RIG-FAIL step=l1-dmesg L1's kernel log has a warning: WARNING: CPU: 0 PID: 1 at arch/x86/kvm/svm/svm.c|a triple fault and a warning in L1's log
+fail|timeout|24|guest-timeout|bhyve_c1.quiet.vmm_status=143|RIG-FAIL step=guest-timeout bhyve_c1.quiet: the VMM did not finish within 150s (marker missing)|an inner VM that did not finish
+fail|nofail|1||||a failed payload without RIG-FAIL lines
+CASES
 expect fail "$tmp/missing" "no run folder at all"
 
 # why_failed names the step, each RIG-FAIL line, the odd status and the failing console's tail.

@@ -8,6 +8,8 @@
 #   host-tools   apt-get install what is missing: qemu-system-x86 (the outer VM), cpio,
 #                kmod (depmod), lz4 (the ELF vmlinux inside the bzImage), e2fsprogs (the
 #                guest's ext4 root image: mke2fs -d, e2fsck, debugfs); needs root then
+#   outer-emulator  Debian backports' QEMU for the outer VM, downloaded into the cache and
+#                extracted (not installed); the host's QEMU if that fails (a NOTE says so)
 #   build        our bhyve, statically linked (L1 has no libc):
 #                RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=target/static
 #                cargo build --release --target x86_64-unknown-linux-gnu -p bhyve
@@ -25,6 +27,9 @@
 #                side by side (figures, not a pass/fail bar; a run that breaks fails it)
 #
 # Environment: BHYVE_RS_CACHE (downloads and built archives, default <repo>/.cache),
+# RIG_CI_L1_QEMU (the outer VM's emulator: backports, the default, or host, or a path),
+# RIG_CI_L1_SMP (the outer VM's CPUs, default 1), RIG_CI_L1_APPEND (L1's extra kernel options,
+# default init_on_free=1),
 # RIG_CI_TARGET_DIR (default target/static), RIG_CI_GUEST_TIMEOUT (one inner VM, default
 # 150 s), RIG_CI_TIMEOUT (the whole outer VM of the rig step, default 840 s), RIG_CI_STALL
 # (console silence that counts as an L1 hang, default guest timeout + 40 s; the rig step is
@@ -66,6 +71,11 @@ stall=${RIG_CI_STALL:-$((guest_timeout + 40))}
 # L1's kernel command line. init_on_free=1 zeroes pages as L1 frees them, so TCG drops the code
 # it translated from an earlier inner guest's pages (rig/README.md, "Inner-guest triple faults").
 l1_append=${RIG_CI_L1_APPEND-init_on_free=1}
+# The outer VM: Debian backports' QEMU (fetched into the cache, not installed; the host's if that
+# fails), with one CPU. QEMU's emulated SVM faulted with two (rig/README.md, "The outer VM").
+l1_qemu=${RIG_CI_L1_QEMU:-backports}
+[[ $l1_qemu != host ]] || l1_qemu=qemu-system-x86_64
+l1_smp=${RIG_CI_L1_SMP:-1}
 
 summary=()
 failed=
@@ -142,7 +152,7 @@ show_results() { # RESULTS-FILE
 rig_once() { # OUT-DIR
     local rc=0
     rig/run.sh --bhyve "$bhyve" --guest-timeout "$guest_timeout" --timeout "$outer_timeout" \
-        --stall "$stall" ${l1_append:+--l1-append "$l1_append"} --out "$1" || rc=$?
+        --stall "$stall" ${l1_append:+--l1-append "$l1_append"} --l1-qemu "$l1_qemu" --l1-smp "$l1_smp" --out "$1" || rc=$?
     echo "--- checks (from $1/results.txt)"
     show_results "$1/results.txt"
     [[ $rc == 0 ]] || why_failed "$1"
@@ -185,8 +195,29 @@ compare_run() {
     return "$rc"
 }
 
+# Resolves "backports" to the extracted binary; falls back to the host's QEMU, and says so, when the
+# download fails (a mirror's hiccup should not fail the rig).
+outer_emulator() {
+    local bin
+    if [[ $l1_qemu == backports ]]; then
+        if bin=$(bash -c '. rig/lib/common.sh && rig_backports_qemu'); then
+            l1_qemu=$bin
+        else
+            echo "run-ci: Debian backports' QEMU could not be had: the outer VM runs under the host's"
+            l1_qemu=qemu-system-x86_64
+            outer_note="backports QEMU unavailable (see $out/outer-emulator.log): the host's QEMU ran the outer VM"
+        fi
+    fi
+    echo "run-ci: outer VM: $("$l1_qemu" --version | head -n 1), $l1_smp CPU(s)"
+    export RIG_L1_QEMU=$l1_qemu RIG_L1_SMP=$l1_smp # the selftest's outer VMs too
+}
+
 echo "rig CI: output in $out"
 step host-tools host_tools || true
+outer_note=
+if [[ $failed != host-tools ]] && step outer-emulator outer_emulator; then
+    [[ -z $outer_note ]] || summary+=("NOTE  $outer_note")
+fi
 if [[ -n $bhyve ]]; then
     skip build "--bhyve $bhyve given"
     bhyve=$(cd "$(dirname "$bhyve")" && pwd)/$(basename "$bhyve")
