@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Tests of rig/lib/ci.sh on made-up rig run folders: which failures rig/test/run-ci.sh retries
-# (only those the emulator is known to cause) and what it prints about a failure.
+# Tests of rig/lib/ci.sh on made-up rig run folders (which failures rig/test/run-ci.sh retries
+# (only those the emulator is known to cause) and what it prints about a failure), and of
+# rig_backports_qemu (rig/lib/common.sh) when apt-get fails.
 # Usage: rig/test/ci-lib.sh (exit 0 when every case gives the expected answer).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -66,6 +67,19 @@ for want in 'why: vmm-status (exit status 25)' 'RIG-FAIL step=vmm-status bhyve_c
 done
 if grep -q 'bhyve_c1.pvh.exit=poweroff' <<<"$why" || grep -q $'\r' <<<"$why"; then
     echo "FAIL why_failed shows a passing run's status or a carriage return"
+    bad=1
+fi
+# The backports emulator: when apt-get cannot fetch it (no network here: a stand-in apt-get that
+# fails), rig_backports_qemu stops with its step named, so run-ci.sh can fall back to the host's.
+mkdir -p "$tmp/bin"
+printf '#!/bin/sh\necho "stand-in apt-get: no network" >&2\nexit 100\n' >"$tmp/bin/apt-get"
+chmod +x "$tmp/bin/apt-get"
+rc=0
+err=$(PATH=$tmp/bin:$PATH BHYVE_RS_CACHE=$tmp/cache bash -c ". '$here/../lib/common.sh' && rig_backports_qemu" 2>&1 >/dev/null) || rc=$?
+if [[ $rc != 0 ]] && grep -q 'FAILED step=backports-qemu: apt-get update of .*-backports failed' <<<"$err"; then
+    echo "ok   rig_backports_qemu names its step when apt-get fails (status $rc)"
+else
+    echo "FAIL rig_backports_qemu with a failing apt-get: status $rc, said: $err"
     bad=1
 fi
 exit "$bad"
