@@ -5,7 +5,7 @@
 #   3. release-only tests        the two-process ring test moves 10 million records
 #   4. loom models               RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release, and the
 #                                check that a deliberately broken ordering fails a model
-#   5. the emulated-SVM rig      rig/test/ci-lib.sh (the CI's triage of rig failures), then a
+#   5. the emulated-SVM rig      rig/test/ci-lib.sh, ci-retry.sh (the CI's triage of rig failures), then a
 #                                stock Debian kernel under real kvm_amd (RIG=0 skips that)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,8 +32,9 @@ step "loom catches a deliberately broken ordering (a Relaxed publish where Relea
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
     cargo test -p loom-tests --release --features broken-ordering --test broken_ordering
 
-step "the rig CI's failure triage (which failures it retries), on made-up run folders"
+step "the rig CI's failure triage (which failures it retries), on made-up run folders and a stand-in rig"
 rig/test/ci-lib.sh
+rig/test/ci-retry.sh
 
 if [ "${RIG:-1}" != 0 ] && [ -x rig/test/run-ci.sh ]; then
     step "emulated-SVM rig (stock Linux on kvm_amd inside TCG)"

@@ -6,15 +6,18 @@
 # first failing inner VM's console. rig/run.sh prints the same to stderr, but before the checks,
 # so a CI log that keeps only its last lines would lose it.
 why_failed() { # RUN-DIR
+    # Never fails (a grep that finds nothing must not end a caller running under errexit and
+    # pipefail): it only reports.
     local res=$1/results.txt first
     echo "--- why: $(sed -n 's/^rig[.]failed_step=//p' "$res" 2>/dev/null | tail -n 1) (exit status $(sed -n 's/^rig[.]exit_status=//p' "$res" 2>/dev/null | tail -n 1))"
-    tr -d '\r' <"$1/console.log" 2>/dev/null | grep '^RIG-FAIL ' | head -n 8 | sed 's/^/  /'
-    grep -E '[.](vmm_status|exit)=' "$res" 2>/dev/null | grep -vE '=(0|1|4|poweroff|reboot|error)$' | sed 's/^/  /'
-    first=$(tr -d '\r' <"$1/console.log" 2>/dev/null | sed -n 's/^RIG-FAIL step=[^ ]* \([^:]*\):.*/\1/p' | head -n 1)
+    { tr -d '\r' <"$1/console.log" | grep '^RIG-FAIL ' | head -n 8 | sed 's/^/  /'; } 2>/dev/null || true
+    { grep -E '[.](vmm_status|exit)=' "$res" | grep -vE '=(0|1|4|poweroff|reboot|error)$' | sed 's/^/  /'; } 2>/dev/null || true
+    first=$({ tr -d '\r' <"$1/console.log" | sed -n 's/^RIG-FAIL step=[^ ]* \([^:]*\):.*/\1/p' | head -n 1; } 2>/dev/null || true)
     if [[ -n $first && -f $1/consoles/$first.log ]]; then
         echo "  last 6 lines of $first's console:"
         tail -n 6 "$1/consoles/$first.log" | tr -d '\r' | cut -c1-160 | sed 's/^/  | /'
     fi
+    return 0
 }
 
 # Failures the emulator is known to cause (rig/README.md, "L1 hangs" and "Inner-guest triple
