@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test of rig/test/run-ci.sh's rig step with a stand-in rig/run.sh (no outer VM, no
-# network): a failure only the emulator is known to cause is retried once, and the retry decides;
-# any other failure is not retried; a failing step ends with its reasons ("--- why:").
+# network): a failure only the emulator is known to cause is retried, at most twice, and the last
+# attempt decides; any other failure is not retried; a failing step ends with its reasons ("--- why:").
 # Usage: rig/test/ci-retry.sh (exit 0 when every scenario ends as expected).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -73,8 +73,10 @@ scenario() { # NAME STUB_SEQ WANT_STATUS WANT_CALLS WANT_TEXT...
 }
 
 scenario clean pass 0 1 'PASS  rig'
-scenario triple-fault-then-pass tf,pass 0 2 'rig CI: RETRY:' 'NOTE  rig ran twice: the first attempt failed with vmm-status' 'rig CI: PASS'
-scenario triple-fault-twice tf,tf 1 2 'rig CI: RETRY:' '--- why: vmm-status (exit status 25)' 'rig CI: FAIL (first failed step: rig)'
+scenario triple-fault-then-pass tf,pass 0 2 'rig CI: RETRY 1 of 2:' 'NOTE  rig retried after emulator faults: vmm-status' 'rig CI: PASS'
+scenario two-triple-faults-then-pass tf,tf,pass 0 3 'rig CI: RETRY 2 of 2:' 'rig CI: rig passed on retry 2' 'rig CI: PASS'
+scenario three-triple-faults tf,tf,tf 1 3 'rig CI: RETRY 2 of 2:' '--- why: vmm-status (exit status 25)' 'rig CI: FAIL (first failed step: rig)'
+scenario triple-fault-then-wrong-status tf,status,pass 1 2 'rig CI: RETRY 1 of 2:' 'RIG-FAIL step=vmm-status bhyve_c1.reboot' 'rig CI: FAIL (first failed step: rig)'
 scenario wrong-status status,pass 1 1 '--- why: vmm-status (exit status 25)' 'RIG-FAIL step=vmm-status bhyve_c1.reboot' 'rig CI: FAIL (first failed step: rig)'
 if grep -q "RETRY" "$tmp/wrong-status.log"; then
     echo "FAIL wrong-status: a failure that is not the emulator's was retried"

@@ -33,8 +33,8 @@
 # RIG_CI_TARGET_DIR (default target/static), RIG_CI_GUEST_TIMEOUT (one inner VM, default
 # 150 s), RIG_CI_TIMEOUT (the whole outer VM of the rig step, default 840 s), RIG_CI_STALL
 # (console silence that counts as an L1 hang, default guest timeout + 40 s; the rig step is
-# retried once after such a hang or another failure only the emulator is known to cause, see
-# emulator_fault()).
+# retried after such a hang or another failure only the emulator is known to cause, at most
+# RIG_CI_RIG_RETRIES times (default 2), see emulator_fault()).
 # Output: DIR (default .cache/rig/ci/DATE) holds STEP.log per step and each rig run's folder
 # (results.txt, console.log, consoles/). Exit status 0 if every step passed, 1 if one
 # failed (named on the last line, with the tail of its log), 2 usage.
@@ -80,6 +80,8 @@ l1_smp=${RIG_CI_L1_SMP:-1}
 summary=()
 failed=
 retried=
+retries=${RIG_CI_RIG_RETRIES:-2}
+[[ $retries =~ ^[0-9]+$ ]] || { echo "run-ci: RIG_CI_RIG_RETRIES must be a whole number, not '$retries'" >&2; exit 2; }
 t_all=$(date +%s)
 
 # step NAME CMD...: run CMD, its output into NAME.log; record PASS/FAIL and the time.
@@ -159,22 +161,26 @@ rig_once() { # OUT-DIR
     return "$rc"
 }
 
-# The rig step runs once more when, and only when, the first attempt failed in a way only the
-# emulator is known to cause (emulator_fault); the retry is announced, both attempts' folders are
-# kept, and the retry must pass in full. Any other failure fails at once.
+# The rig step runs again when, and only when, the attempt before failed in a way only the emulator
+# is known to cause (emulator_fault), at most $retries more times (RIG_CI_RIG_RETRIES, default 2):
+# each retry is announced, every attempt's folder is kept (rig/, rig-retry1/, rig-retry2/), the
+# summary counts them, and the last attempt decides. Any other failure fails at once.
 rig() {
-    local rc=0
-    rig_once "$out/rig" || rc=$?
-    if [[ $rc != 0 ]] && emulator_fault "$out/rig"; then
-        echo "rig CI: RETRY: the first attempt failed only in a way the emulator is known to cause"
-        echo "rig CI: ($(sed -n 's/^rig[.]failed_step=//p' "$out/rig/results.txt" | tail -n 1); see rig/README.md); outer console tail:"
-        tail -n 5 "$out/rig/console.log" 2>/dev/null | tr -d '\r' | cut -c1-160 | awk '{ print "  | " $0 }'
-        echo "rig CI: running the rig step once more into $out/rig-retry"
-        retried="first attempt failed with $(sed -n 's/^rig[.]failed_step=//p' "$out/rig/results.txt" | tail -n 1) (kept in $out/rig)"
+    local rc=0 dir=$out/rig n=0 why
+    rig_once "$dir" || rc=$?
+    while [[ $rc != 0 ]] && ((n < retries)) && emulator_fault "$dir"; do
+        n=$((n + 1))
+        why=$(sed -n 's/^rig[.]failed_step=//p' "$dir/results.txt" | tail -n 1)
+        echo "rig CI: RETRY $n of $retries: the attempt in $dir failed only in a way the emulator is known to cause"
+        echo "rig CI: ($why; see rig/README.md, \"Retries\"); outer console tail:"
+        tail -n 5 "$dir/console.log" 2>/dev/null | tr -d '\r' | cut -c1-160 | awk '{ print "  | " $0 }'
+        retried+="${retried:+, }$why (kept in $dir)"
+        dir=$out/rig-retry$n
+        echo "rig CI: running the rig step again into $dir"
         rc=0
-        rig_once "$out/rig-retry" || rc=$?
-        [[ $rc == 0 ]] && echo "rig CI: rig passed on the retry (first attempt kept in $out/rig)"
-    fi
+        rig_once "$dir" || rc=$?
+    done
+    if [[ $rc == 0 && $n -gt 0 ]]; then echo "rig CI: rig passed on retry $n"; fi
     return "$rc"
 }
 
@@ -234,7 +240,7 @@ if [[ -z $bhyve || ! -x $bhyve ]]; then
     skip selftest "no bhyve binary"
 else
     step rig rig || true
-    [[ -z $retried ]] || summary+=("NOTE  rig ran twice: the $retried")
+    [[ -z $retried ]] || summary+=("NOTE  rig retried after emulator faults: $retried")
     if [[ $selftest == 1 ]]; then step selftest selftest_marker_missing || true; else skip selftest "--skip-selftest"; fi
     if [[ $compare == 1 ]]; then step compare compare_run || true; else skip compare "figures only; --compare to run"; fi
 fi
@@ -244,7 +250,7 @@ printf '  %s\n' "${summary[@]}"
 if [[ -n $failed ]]; then
     if [[ $failed == rig ]]; then
         last=$out/rig
-        [[ -d $out/rig-retry ]] && last=$out/rig-retry
+        for d in "$out"/rig-retry*; do [[ -d $d ]] && last=$d; done
         why_failed "$last"
     fi
     echo "rig CI: FAIL (first failed step: $failed)"
