@@ -170,7 +170,7 @@ pub fn run_vcpu<V: Vcpu, S: SlowPath>(
                 let action = handler.handle(exit);
                 // The handler's own time (a third clock read, ~9 ns).
                 handler.probe().handled();
-                if action == Action::Stop(VmRequest::TripleFault) {
+                if matches!(action, Action::Stop(VmRequest::TripleFault)) {
                     // Where the guest was when its CPU shut down: what anyone debugging the
                     // guest (or us) needs first.
                     eprintln!("{}", triple_fault_report(vcpu, control.id()));
