@@ -39,3 +39,39 @@ fn tsc_deadline_follows_the_capability_and_the_in_kernel_lapic() {
     assert_eq!(hv.cpuid_features(true).tsc_deadline, cap);
     assert!(!hv.cpuid_features(false).tsc_deadline);
 }
+
+/// The supported CPUID can be fetched ahead, from another thread, while a VM is being set up; the
+/// vCPUs then get exactly what an unprefetched `/dev/kvm` gives (leaf 0: the vendor and the top
+/// leaf), with a device node other than the default one asking for itself.
+#[test]
+fn a_prefetched_supported_cpuid_is_the_one_vcpus_get() {
+    let direct = Kvm::new()
+        .expect("this test needs /dev/kvm")
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .expect("KVM_GET_SUPPORTED_CPUID");
+    let leaf0 = direct
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0)
+        .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
+        .expect("leaf 0");
+    let hv = KvmHypervisor::open().expect("open");
+    let vm = hv.create_vm(Some(24)).expect("create VM");
+    let t = std::thread::spawn(vcpu_runner::kvm::prefetch_supported_cpuid);
+    let vcpu = vm
+        .create_vcpu(0)
+        .expect("create vCPU while the prefetch runs");
+    t.join().expect("prefetch thread");
+    vcpu_runner::kvm::prefetch_supported_cpuid(); // again: nothing to do
+    assert_eq!(vcpu.cpuid(0, 0).expect("KVM_GET_CPUID2"), Some(leaf0));
+    let second = vm.create_vcpu(1).expect("second vCPU");
+    assert_eq!(second.cpuid(0, 0).expect("KVM_GET_CPUID2"), Some(leaf0));
+    // Another node (the same device through /dev/kvm's path as a symlink-free alias).
+    let other = KvmHypervisor::open_path("/dev/../dev/kvm").expect("open by another path");
+    let v = other
+        .create_vm(Some(24))
+        .expect("VM")
+        .create_vcpu(0)
+        .expect("vCPU");
+    assert_eq!(v.cpuid(0, 0).expect("KVM_GET_CPUID2"), Some(leaf0));
+}
