@@ -2,8 +2,9 @@
 //!
 //! `cargo bench -p perf --bench exits` (env: `EXITS_N`, default 100000 exits per run; `EXITS_REPS`,
 //! default 5; `EXITS_DEVICE_SPIN_US`, the device-model thread's spin before it parks, default
-//! `RunConfig`'s 200 µs). Prints a markdown table; bar: fast ≤ 1.05× raw, posted ≤ 1.05× raw,
-//! waited ≤ raw + 1 µs.
+//! `RunConfig`'s 200 µs; `EXITS_CLASSES`, a comma-separated subset of `fast,posted,waited,trace`,
+//! default all). Prints a markdown table; bar: fast ≤ 1.05× raw, posted ≤ 1.05× raw, waited ≤
+//! raw + 1 µs; then the cost of tracing every exit (`trace`).
 
 #[path = "support/exits.rs"]
 mod exits;
@@ -27,12 +28,26 @@ fn main() {
         println!("exits: bench");
         return;
     }
+    let classes: Vec<String> = std::env::var("EXITS_CLASSES")
+        .unwrap_or_default()
+        .split(',')
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if let Some(bad) = classes
+        .iter()
+        .find(|c| !["fast", "posted", "waited", "trace"].contains(&c.as_str()))
+    {
+        eprintln!("EXITS_CLASSES: unknown class {bad:?} (fast, posted, waited, trace)");
+        std::process::exit(2);
+    }
+    let wanted = |name: &str| classes.is_empty() || classes.iter().any(|c| c == name);
     let n = env("EXITS_N", 100_000);
     let reps = env("EXITS_REPS", 5) as usize;
     println!("exit round trip, n={n} exits per run, median of {reps} paired runs (ns per exit)\n");
     println!("| class | raw KVM_RUN loop | ours | ours / raw | ours − raw | bar |");
     println!("|---|---|---|---|---|---|");
-    for class in Class::ALL {
+    for class in Class::ALL.into_iter().filter(|c| wanted(c.guest())) {
         let (mut raw, mut ours) = (Vec::new(), Vec::new());
         for _ in 0..reps {
             // Interleave so drift (thermal, other load) hits both alike.
@@ -63,6 +78,9 @@ fn main() {
 
     // Tracing every exit, on against off, same guest, same run (histograms and counters are
     // always on in both).
+    if !wanted("trace") {
+        return;
+    }
     let (mut off, mut on) = (Vec::new(), Vec::new());
     let class = Class::Posted;
     for _ in 0..reps {
