@@ -182,20 +182,45 @@ fn since_start_ns() -> u64 {
 }
 
 /// A console backend on a file descriptor (stdout, a file). The console's writer thread writes it;
-/// the UART's own thread may too, when `poll` says the descriptor takes data now
-/// ([`console::Backend::write_now`]) — only for pipes, terminals and sockets, where `poll` means
-/// it: a regular file always polls writable, yet a write can wait for its file system (a stalled
-/// network mount), so file consoles are written by the writer thread alone.
+/// the UART's own thread may too, with a write that cannot block ([`console::Backend::write_now`]):
+/// `pwritev2(RWF_NOWAIT)` on pipes and sockets, `poll` then a short `write` on terminals (which
+/// refuse RWF_NOWAIT). Never for a regular file: it always polls writable, yet a write can wait
+/// for its file system (a stalled network mount), so file consoles are written by the writer
+/// thread alone.
 struct FdOut {
     file: std::fs::File,
     /// Whether `poll` tells when a write would block (not a regular file).
     pollable: bool,
+    /// Whether `pwritev2(RWF_NOWAIT)` works on this descriptor (pipes and sockets: a write that
+    /// would block fails at once instead); cleared when it says it does not (terminals).
+    nowait: bool,
 }
 
 impl FdOut {
     fn new(file: std::fs::File) -> Self {
         let pollable = file.metadata().map(|m| !m.is_file()).unwrap_or(false);
-        Self { file, pollable }
+        Self {
+            file,
+            pollable,
+            nowait: pollable,
+        }
+    }
+
+    /// One `pwritev2(RWF_NOWAIT)` at the current position: `Ok(bytes)` or `Err(errno)`.
+    fn write_nowait(&self, buf: &[u8]) -> Result<usize, i32> {
+        use std::os::fd::AsRawFd;
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, valid for `buf.len()` bytes and only read; offset -1 is
+        // the current position (what `write` uses); RWF_NOWAIT never blocks.
+        let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+        usize::try_from(n).map_err(|_| {
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        })
     }
 
     /// Bytes one direct write may carry. A pipe that polls writable has a free buffer of at least
@@ -220,6 +245,20 @@ impl console::Backend for FdOut {
         if !self.pollable {
             return None;
         }
+        let buf = &buf[..buf.len().min(Self::DIRECT_MAX)];
+        // Where the kernel offers it, a write that cannot block: a `poll` then a `write` could
+        // block the device's thread if another process sharing the pipe filled it in between.
+        if self.nowait {
+            match self.write_nowait(buf) {
+                Ok(n) if n > 0 => return Some(n),
+                // Not for this kind of file (a terminal): poll and write from now on.
+                Err(libc::EOPNOTSUPP | libc::EINVAL) => self.nowait = false,
+                // Full (EAGAIN), or an error the writer thread reports (it retries the bytes).
+                _ => return None,
+            }
+        }
+        // A terminal: it has a single writer here unless the user shares it, and a write of at
+        // most DIRECT_MAX bytes to one that polls writable does not block.
         let mut p = libc::pollfd {
             fd: self.file.as_raw_fd(),
             events: libc::POLLOUT,
@@ -232,7 +271,7 @@ impl console::Backend for FdOut {
         if ready != 1 || p.revents & libc::POLLOUT == 0 || p.revents & bad != 0 {
             return None;
         }
-        match self.file.write(&buf[..buf.len().min(Self::DIRECT_MAX)]) {
+        match self.file.write(buf) {
             Ok(n) if n > 0 => Some(n),
             // Errors are the writer thread's to count (it retries the bytes through the ring).
             _ => None,
@@ -1036,6 +1075,7 @@ mod tests {
         // SAFETY: F_SETFL on our own descriptor; O_NONBLOCK only for filling it here.
         unsafe { libc::fcntl(wfd, libc::F_SETFL, libc::O_NONBLOCK) };
         while out.file.write(&big).is_ok() {}
+        while out.file.write(b"x").is_ok() {} // the last page's room too
         assert_eq!(out.write_now(b"z"), None);
         // The reader gone: refused too (the writer thread reports the error).
         drop(r);
@@ -1046,6 +1086,88 @@ mod tests {
         assert_eq!(f.write_now(b"z"), None);
         f.write_all(b"z").unwrap();
         let _ = std::fs::remove_file(&dir);
+    }
+
+    /// A pseudo-terminal: (master, slave).
+    fn pty() -> (std::fs::File, std::fs::File) {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        // SAFETY: posix_openpt takes flags only.
+        let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+        assert!(m >= 0, "posix_openpt");
+        // SAFETY: `m` is a fresh descriptor owned by nothing else.
+        let master = unsafe { std::fs::File::from_raw_fd(m) };
+        // SAFETY: grantpt on our master descriptor.
+        assert_eq!(unsafe { libc::grantpt(m) }, 0);
+        // SAFETY: unlockpt on our master descriptor.
+        assert_eq!(unsafe { libc::unlockpt(m) }, 0);
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: `name` has room for `name.len()` characters, ptsname_r NUL-terminates it.
+        let rc = unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) };
+        assert_eq!(rc, 0);
+        // SAFETY: NUL-terminated by ptsname_r above, and `name` lives on.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path)
+            .expect("open the terminal");
+        (master, slave)
+    }
+
+    /// A pipe another process fills between our `poll` and our `write` would block a blocking
+    /// descriptor: the direct write is one `pwritev2(RWF_NOWAIT)`, which fails at once on a full
+    /// pipe even though the descriptor itself blocks. A terminal (no RWF_NOWAIT) is still written
+    /// directly, through `poll` and `write`.
+    #[test]
+    fn a_direct_write_to_a_full_blocking_pipe_fails_at_once_and_a_terminal_still_takes_bytes() {
+        use console::Backend;
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (_r, w) = pipe();
+        // Fill the pipe through another open file description (O_NONBLOCK there only), as another
+        // process sharing the pipe would: ours stays blocking.
+        let mut other = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/self/fd/{}", w.as_raw_fd()))
+            .expect("reopen the pipe");
+        // SAFETY: F_SETFL on our own descriptor.
+        unsafe { libc::fcntl(other.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        while other.write(&[b'x'; 4096]).is_ok() {}
+        while other.write(b"x").is_ok() {}
+        // SAFETY: F_GETFL on our own descriptor.
+        let flags = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "our descriptor must still block"
+        );
+        let out = FdOut::new(w);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = out;
+            let r = out.write_nowait(b"z");
+            let direct = out.write_now(b"z");
+            let _ = tx.send((r, direct));
+        });
+        let (r, direct) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a direct write to a full pipe blocked");
+        // EAGAIN where the kernel offers RWF_NOWAIT on pipes, EOPNOTSUPP where it does not.
+        assert!(matches!(r, Err(libc::EAGAIN | libc::EOPNOTSUPP)), "{r:?}");
+        assert_eq!(direct, None);
+
+        // A pseudo-terminal.
+        let (mut master, slave) = pty();
+        let mut out = FdOut::new(slave);
+        assert_eq!(out.write_now(b"hi"), Some(2));
+        assert_eq!(out.write_now(b"!"), Some(1));
+        let mut got = [0u8; 3];
+        master.read_exact(&mut got).expect("read the terminal");
+        assert_eq!(&got, b"hi!");
     }
 
     #[test]
