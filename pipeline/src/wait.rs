@@ -189,6 +189,9 @@ mod futex {
 pub(crate) struct Clock {
     #[cfg(not(loom))]
     start: std::time::Instant,
+    /// Spin time after which the spinner next yields its CPU.
+    #[cfg(not(loom))]
+    next_yield: Duration,
     spins: u32,
 }
 
@@ -197,9 +200,12 @@ impl Clock {
     /// How many spin iterations pass between two reads of the clock (a read costs ~20 ns).
     #[cfg(not(loom))]
     const CHECK_EVERY: u32 = 64;
-    /// Spinning longer than this yields the CPU at every clock read (see `keep_spinning`).
+    /// A spinner yields its CPU once it has spun this long, and again every [`Clock::YIELD_EVERY`]
+    /// (see `keep_spinning`).
     #[cfg(not(loom))]
     const YIELD_AFTER: Duration = Duration::from_micros(5);
+    #[cfg(not(loom))]
+    const YIELD_EVERY: Duration = Duration::from_micros(20);
     /// Spin iterations per wait in a loom model (each is a yield point).
     #[cfg(loom)]
     const LOOM_SPINS: u32 = 1;
@@ -208,19 +214,22 @@ impl Clock {
         Self {
             #[cfg(not(loom))]
             start: std::time::Instant::now(),
+            #[cfg(not(loom))]
+            next_yield: Self::YIELD_AFTER,
             spins: 0,
         }
     }
 
     /// True while the spin budget `spin` is not spent. Call once per spin iteration.
     ///
-    /// Past [`Clock::YIELD_AFTER`] the spinner also yields its CPU at every clock read (every
-    /// [`Clock::CHECK_EVERY`] iterations, a couple of microseconds): a thread spinning for work
-    /// that has not come for a while must not hold a CPU another runnable thread wants. Measured
-    /// on our 2-CPU hosts (2026-11-25): with the vCPU on one CPU and the device-model thread
-    /// spinning on the other, the process reading the guest's console waited for a CPU, and half
-    /// the runs of the `hello` guest showed its first byte 1.5 ms late. A `sched_yield` with
-    /// nothing else runnable returns at once.
+    /// Past [`Clock::YIELD_AFTER`] the spinner also yields its CPU, once every
+    /// [`Clock::YIELD_EVERY`]: a thread spinning for work that has not come for a while must not
+    /// hold a CPU another runnable thread wants. Measured on our 2-CPU hosts (2026-11-25): with
+    /// the vCPU on one CPU and the device-model thread spinning on the other, the process reading
+    /// the guest's console waited for a CPU, and half the runs of the `hello` guest showed its
+    /// first byte 1.5 ms late. A `sched_yield` with nothing else runnable returns at once, but
+    /// not for free: yielding at every clock read (every ~2 µs) cost a waited read ~300 ns (median
+    /// of 12 paired runs of the exits bench), as a record often arrived mid-yield.
     #[inline]
     pub(crate) fn keep_spinning(&mut self, spin: Duration) -> bool {
         if spin.is_zero() {
@@ -240,8 +249,9 @@ impl Clock {
             if spent >= spin {
                 return false;
             }
-            if spent >= Self::YIELD_AFTER {
+            if spent >= self.next_yield {
                 std::thread::yield_now();
+                self.next_yield = spent + Self::YIELD_EVERY;
             }
             true
         }
