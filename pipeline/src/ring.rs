@@ -1222,9 +1222,11 @@ impl<T: Record> Consumer<T> {
         self.producer_seen && !attached
     }
 
-    /// Wait until at least one record is ready: spin for `spin`, then park on the futex (the
-    /// consumer half of the wake-up protocol in the module docs) until woken, re-checking at
-    /// least every [`crate::Waiter::PARK_SLICE`], for at most `timeout` in all.
+    /// Wait until at least one record is ready: spin for `spin` (yielding the CPU every 20 µs once
+    /// it has spun 5 µs, so a spinning device-model thread never keeps another thread from a CPU
+    /// for long), then park on the futex (the consumer half of the wake-up protocol in the module
+    /// docs) until woken, re-checking at least every [`crate::Waiter::PARK_SLICE`], for at most
+    /// `timeout` in all. ([`Consumer::wait_completion`], a vCPU's wait, does not yield.)
     ///
     /// Returns [`WaitOutcome::Ready`] (records can be popped), [`WaitOutcome::TimedOut`], or
     /// the corruption that poisoned the handle.
@@ -1233,7 +1235,7 @@ impl<T: Record> Consumer<T> {
         spin: Duration,
         timeout: Duration,
     ) -> Result<WaitOutcome, RingError> {
-        self.wait_since(&mut Clock::start(), spin, timeout)
+        self.wait_since(&mut Clock::start_yielding(), spin, timeout)
     }
 
     /// Records ready according to the cached producer index, refreshing it if that says none.

@@ -212,19 +212,32 @@ impl Clock {
     #[cfg(loom)]
     const LOOM_SPINS: u32 = 1;
 
+    /// A clock for a wait that never yields its CPU while it spins (a vCPU waiting for its
+    /// completion: the CPU is the guest's, and a yield could hand it to another thread just before
+    /// the answer comes).
     pub(crate) fn start() -> Self {
         Self {
             #[cfg(not(loom))]
             start: std::time::Instant::now(),
             #[cfg(not(loom))]
-            next_yield: Self::YIELD_AFTER,
+            next_yield: Duration::MAX,
             spins: 0,
+        }
+    }
+
+    /// A clock for a wait that yields its CPU now and then while it spins (see `keep_spinning`):
+    /// a consumer waiting for records that may not come for a while.
+    pub(crate) fn start_yielding() -> Self {
+        Self {
+            #[cfg(not(loom))]
+            next_yield: Self::YIELD_AFTER,
+            ..Self::start()
         }
     }
 
     /// True while the spin budget `spin` is not spent. Call once per spin iteration.
     ///
-    /// Past [`Clock::YIELD_AFTER`] the spinner also yields its CPU, once every
+    /// With [`Clock::start_yielding`], past [`Clock::YIELD_AFTER`] the spinner also yields its CPU, once every
     /// [`Clock::YIELD_EVERY`]: a thread spinning for work that has not come for a while must not
     /// hold a CPU another runnable thread wants. Measured on our 2-CPU hosts (2026-11-25): with
     /// the vCPU on one CPU and the device-model thread spinning on the other, the process reading
