@@ -14,7 +14,8 @@
 //! leaves the ring). When KVM finds the ring full it exits to userspace as usual, and the exit
 //! handler drains the older entries first. A write that nothing exits after for a while (a reset
 //! through 0xCF9, which shares the 0xCF8 zone, followed by a busy loop) is applied when the main
-//! thread sees the ring non-empty on two consecutive 20 ms checks and kicks vCPU 0.
+//! thread sees the ring non-empty on two consecutive checks and kicks vCPU 0 (checks are 20 ms
+//! apart while the VM is busy or writes are pending, 100 ms while it is idle).
 //!
 //! The ring is `struct kvm_coalesced_mmio_ring { u32 first, last; struct kvm_coalesced_mmio
 //! entries[]; }`, entries `{ u64 phys_addr; u32 len; u32 pio; u8 data[8]; }` (24 bytes): KVM writes

@@ -353,6 +353,14 @@ pub fn advise_huge_pages(host: *mut u8, len: u64) -> bool {
 /// How long every vCPU must have been without exits before halt detection looks at them.
 const HALT_CHECK_AFTER: Duration = Duration::from_millis(500);
 
+/// How often the thread waiting for a VM looks at it (stop flag, requests from slow devices,
+/// coalesced writes nothing exited after, halt detection, trace draining) while it is busy: some
+/// vCPU took an exit since the last look, tracing is on, or coalesced writes are pending.
+const WATCH_BUSY: Duration = Duration::from_millis(20);
+/// ... and while it is idle: an idle VM's waiting thread wakes 10 times a second, not 50. A stop
+/// from a signal then takes up to this long.
+const WATCH_IDLE: Duration = Duration::from_millis(100);
+
 /// The vCPU end of one ring pair.
 struct RingSlowPath {
     exits: Producer<ExitRecord>,
@@ -919,9 +927,10 @@ impl<H: Hypervisor> RunningVm<H> {
         };
         let (mut quiet_since, mut last_exits) = (Instant::now(), exits());
         let mut coalesced_pending = false;
+        let mut period = WATCH_BUSY;
         // Wait for the first vCPU to stop, or for a stop from outside.
         let first = loop {
-            match done_rx.recv_timeout(Duration::from_millis(20)) {
+            match done_rx.recv_timeout(period) {
                 Ok(o) => break Some(o),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if self.stop.load(Ordering::Acquire) {
@@ -949,6 +958,8 @@ impl<H: Hypervisor> RunningVm<H> {
                     // Halt detection: only when no vCPU has taken an exit for a while, so a busy
                     // VM never pays for it.
                     let now_exits = exits();
+                    let busy = now_exits != last_exits || pending || self.trace_switch.is_enabled();
+                    period = if busy { WATCH_BUSY } else { WATCH_IDLE };
                     if now_exits != last_exits {
                         (quiet_since, last_exits) = (Instant::now(), now_exits);
                     } else if self.halt_detection
