@@ -134,9 +134,9 @@ extern "C" fn on_terminate(_sig: libc::c_int) {
 }
 
 /// From now on SIGINT, SIGTERM and SIGHUP set `flag` (the running VM's stop flag) straight from
-/// the handler; a signal that came before is applied now. The VM's wait loop sees the flag within
-/// its 20 ms check. (This replaced a thread that polled for signals every 10 ms: 100 wake-ups a
-/// second of an idle VM.)
+/// the handler; a signal that came before is applied now. The VM's wait loop sees the flag at its
+/// next look (20 ms apart while the VM is busy, 100 ms while it is idle). (This replaced a thread
+/// that polled for signals every 10 ms: 100 wake-ups a second of an idle VM.)
 fn stop_on_signals(flag: Arc<AtomicBool>) {
     let ptr = Arc::into_raw(flag).cast_mut();
     // Published before STOP is looked at: a signal after this store sets the flag itself, one
