@@ -317,8 +317,8 @@ fn wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
 }
 
 /// An idle VM (the `halt` guest with halt detection off: its vCPU blocked in the kernel) costs the
-/// host few wake-ups: no thread polls at a high rate. Measured 41 a second in all (2026-11-25:
-/// main thread 10, device-model 20, timers 10, control socket 1; before that day's changes 302,
+/// host few wake-ups: no thread polls at a high rate. Measured 31 a second in all (2026-11-25:
+/// main thread 10, device-model 10, timers 10, control socket 1; before that day's changes 302,
 /// with a signal poller at 100 and shorter waits elsewhere). A new 10 ms poller (100 a second)
 /// breaks the bound. `perf/scripts/idle-wakeups.sh` prints the same per thread.
 #[test]
