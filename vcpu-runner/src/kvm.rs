@@ -111,10 +111,13 @@ pub fn prefetch_supported_cpuid() {
 }
 
 fn supported_cpuid_of_device(kvm: &Kvm) -> &'static Result<CpuId, i32> {
-    SUPPORTED_CPUID.get_or_init(|| {
-        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| e.errno())
-    })
+    SUPPORTED_CPUID.get_or_init(|| ask_supported_cpuid(kvm))
+}
+
+/// The `KVM_GET_SUPPORTED_CPUID` ioctl itself; `Err` holds the errno.
+fn ask_supported_cpuid(kvm: &Kvm) -> Result<CpuId, i32> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| e.errno())
 }
 
 /// Where a VM's vCPUs get the supported CPUID from (see [`prefetch_supported_cpuid`]).
@@ -132,11 +135,7 @@ impl SupportedCpuid {
         let answer = if self.default_device {
             supported_cpuid_of_device(&self.kvm)
         } else {
-            self.other.get_or_init(|| {
-                self.kvm
-                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                    .map_err(|e| e.errno())
-            })
+            self.other.get_or_init(|| ask_supported_cpuid(&self.kvm))
         };
         answer.as_ref().map_err(|&errno| {
             BackendError::ioctl("KVM_GET_SUPPORTED_CPUID", kvm_ioctls::Error::new(errno))

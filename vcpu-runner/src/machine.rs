@@ -936,7 +936,8 @@ impl<H: Hypervisor> RunningVm<H> {
                     if self.stop.load(Ordering::Acquire) {
                         break None;
                     }
-                    if self.trace_switch.is_enabled() {
+                    let tracing = self.trace_switch.is_enabled();
+                    if tracing {
                         lock(&self.trace).drain();
                     }
                     // A device on the slow side may have asked (a vCPU notices on its next exit;
@@ -958,7 +959,7 @@ impl<H: Hypervisor> RunningVm<H> {
                     // Halt detection: only when no vCPU has taken an exit for a while, so a busy
                     // VM never pays for it.
                     let now_exits = exits();
-                    let busy = now_exits != last_exits || pending || self.trace_switch.is_enabled();
+                    let busy = now_exits != last_exits || pending || tracing;
                     period = if busy { WATCH_BUSY } else { WATCH_IDLE };
                     if now_exits != last_exits {
                         (quiet_since, last_exits) = (Instant::now(), now_exits);
