@@ -4,12 +4,21 @@
 //!
 //! ```text
 //! offset 0      meta      magic, ABI version, record tag, record size, capacity,
-//!                         header size, claim bits           (written at format, read at attach)
+//!                         header size, claim bits, producer mode, slot size
+//!                                                           (written at format, read at attach)
 //! offset 128    tail      producer index (u64)              written by the producer only
 //! offset 256    head      consumer index (u64)              written by the consumer only
 //! offset 384    wake      futex word: 0 awake, 1 sleeping   consumer sets, producer clears
-//! offset 512    slots     capacity × record, capacity a power of two
+//! offset 512    slots     capacity × slot size, capacity a power of two
 //! ```
+//! A slot holds one record at its start. The slot size is the record size rounded up to a power
+//! of two while that is at most a cache line (64 bytes), else to whole cache lines: the 48-byte
+//! [`ExitRecord`](crate::ExitRecord) gets a 64-byte slot, the 32-byte
+//! [`CompletionRecord`](crate::CompletionRecord) a 32-byte one. So no record straddles two
+//! cache lines, and when both ends work one record apart (a near-empty ring) the producer
+//! writing record k + 1 no longer shares a line with the consumer reading record k: with
+//! 48-byte slots half the records straddled two lines, and single push/pop ran at a third of
+//! its speed (`docs/perf-ring.md`).
 //! (Offsets for x86-64, where `CachePadded` is 128 bytes so that the adjacent-line prefetcher
 //! cannot pull the two indices into one false-sharing pair; asserted at compile time. Other
 //! architectures keep the order with their own padding; the header size is stored and checked.)
@@ -103,8 +112,9 @@ use crate::{
 #[cfg(any(feature = "std", loom))]
 use core::time::Duration;
 
-/// First word of every ring header: `"BHVRING"` and a layout generation byte.
-pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"BHVRING\x01");
+/// First word of every ring header: `"BHVRING"` and a layout generation byte (2: slots padded
+/// to [`slot_size`]).
+pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"BHVRING\x02");
 
 /// Largest capacity a ring may be formatted with.
 pub const MAX_CAPACITY: u32 = 1 << 30;
@@ -112,8 +122,40 @@ pub const MAX_CAPACITY: u32 = 1 << 30;
 const CLAIM_PRODUCER: u32 = 1;
 const CLAIM_CONSUMER: u32 = 2;
 
-/// One slot: a record in a cell (loom's checked cell under `cfg(loom)`).
+/// One slot: a record in a cell (loom's checked cell under `cfg(loom)`), at the start of
+/// [`slot_size`] bytes.
 type Slot<T> = UnsafeCell<T>;
+
+const CACHE_LINE: usize = 64;
+
+/// Bytes from one slot to the next for records of `size` bytes: `size` rounded up to a power of
+/// two up to a cache line, else to whole cache lines (see the module docs).
+#[must_use]
+pub const fn slot_size(size: usize) -> usize {
+    if size <= CACHE_LINE {
+        size.next_power_of_two()
+    } else {
+        size.next_multiple_of(CACHE_LINE)
+    }
+}
+
+/// The slot stride of a ring of `T`.
+const fn stride<T>() -> usize {
+    let stride = slot_size(size_of::<Slot<T>>());
+    assert!(stride % align_of::<Slot<T>>() == 0);
+    stride
+}
+
+/// Slot `i` of the slots starting at `slots`.
+///
+/// # Safety
+/// `i` is below the ring's capacity and `slots` is the first slot of a ring of `T`.
+#[inline(always)]
+unsafe fn nth_slot<T>(slots: NonNull<Slot<T>>, i: usize) -> NonNull<Slot<T>> {
+    // SAFETY: the caller guarantees `i < capacity`, and the region holds `capacity` slots of
+    // `stride::<T>()` bytes from `slots`, so the offset stays inside it.
+    unsafe { slots.byte_add(i * stride::<T>()) }
+}
 
 /// Written once by [`Ring::format`]; read (and checked) by [`Ring::attach`]. All fields are
 /// atomics because a peer process may rewrite them at any time; the handles copy what they need
@@ -129,7 +171,8 @@ struct Meta {
     claims: AtomicU32,
     /// [`barrier::FENCED`] or [`barrier::LIGHT`], written by the producer when it claims.
     producer_mode: AtomicU32,
-    reserved: AtomicU32,
+    /// Bytes from one slot to the next ([`slot_size`] of the record size).
+    slot_size: AtomicU32,
 }
 
 /// The ring header at the start of the region.
@@ -166,10 +209,12 @@ const _: () = {
     assert!(offset_of!(Meta, header_size) == 24);
     assert!(offset_of!(Meta, claims) == 28);
     assert!(offset_of!(Meta, producer_mode) == 32);
-    assert!(offset_of!(Meta, reserved) == 36);
+    assert!(offset_of!(Meta, slot_size) == 36);
     assert!(size_of::<WakeWord>() == 4);
-    // A slot is exactly a record, so batches copy runs of records.
+    // An exit record has a cache line to itself; two completions share one.
     assert!(size_of::<Slot<crate::abi::ExitRecord>>() == 48);
+    assert!(stride::<crate::abi::ExitRecord>() == 64);
+    assert!(stride::<crate::abi::CompletionRecord>() == 32);
 };
 #[cfg(all(not(loom), target_arch = "x86_64"))]
 const _: () = assert!(HEADER_SIZE == 512);
@@ -231,6 +276,13 @@ pub enum AttachError {
     /// The header's record size differs from ours.
     RecordSizeMismatch {
         /// Our record size.
+        expected: u32,
+        /// The header's.
+        found: u32,
+    },
+    /// The header's slot size differs from ours (laid out by another build).
+    SlotSizeMismatch {
+        /// Our slot size.
         expected: u32,
         /// The header's.
         found: u32,
@@ -306,6 +358,10 @@ impl fmt::Display for AttachError {
             Self::RecordSizeMismatch { expected, found } => write!(
                 f,
                 "Record size mismatch: ring has {found}-byte records, expected {expected}"
+            ),
+            Self::SlotSizeMismatch { expected, found } => write!(
+                f,
+                "Slot size mismatch: ring slots are {found} bytes apart, expected {expected}"
             ),
             Self::HeaderSizeMismatch { expected, found } => write!(
                 f,
@@ -460,6 +516,14 @@ impl<T: Record> Ring<T> {
     /// Offset of slot 0 from the start of the region.
     const SLOTS_OFFSET: usize = HEADER_SIZE.next_multiple_of(align_of::<Slot<T>>());
 
+    /// [`slot_size`] for `T`, as stored in the header.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "a record's size fits in u32 (`Record` contract), and its slot size is at most \
+                  63 bytes more"
+    )]
+    const SLOT_SIZE_U32: u32 = stride::<T>() as u32;
+
     /// Alignment the region's base must have.
     pub const ALIGN: usize = if align_of::<RingHeader>() > align_of::<Slot<T>>() {
         align_of::<RingHeader>()
@@ -472,7 +536,7 @@ impl<T: Record> Ring<T> {
         check_capacity(capacity)?;
         usize::try_from(capacity)
             .ok()
-            .and_then(|c| c.checked_mul(size_of::<Slot<T>>()))
+            .and_then(|c| c.checked_mul(stride::<T>()))
             .and_then(|s| s.checked_add(Self::SLOTS_OFFSET))
             .ok_or(AttachError::BadCapacity(capacity))
     }
@@ -506,7 +570,7 @@ impl<T: Record> Ring<T> {
                     header_size: AtomicU32::new(HEADER_SIZE_U32),
                     claims: AtomicU32::new(0),
                     producer_mode: AtomicU32::new(barrier::FENCED),
-                    reserved: AtomicU32::new(0),
+                    slot_size: AtomicU32::new(Self::SLOT_SIZE_U32),
                 }),
                 tail: CachePadded::new(AtomicU64::new(0)),
                 head: CachePadded::new(AtomicU64::new(0)),
@@ -528,8 +592,8 @@ impl<T: Record> Ring<T> {
 
     #[cfg(not(loom))]
     fn zero_slots(&self) {
-        let bytes = small(u64::from(self.capacity)) * size_of::<Slot<T>>();
-        // SAFETY: the slots span `capacity * size_of::<Slot<T>>()` bytes inside the region
+        let bytes = small(u64::from(self.capacity)) * stride::<T>();
+        // SAFETY: the slots span `capacity * stride::<T>()` bytes inside the region
         // (checked by `format`); zero is a valid bit pattern for every `Record`.
         unsafe { self.slots().as_ptr().cast::<u8>().write_bytes(0, bytes) };
     }
@@ -539,7 +603,7 @@ impl<T: Record> Ring<T> {
     fn zero_slots(&self) {
         for i in 0..small(u64::from(self.capacity)) {
             // SAFETY: `i < capacity`, so the slot lies inside the region.
-            let slot = unsafe { self.slots().as_ptr().add(i) };
+            let slot = unsafe { nth_slot(self.slots(), i) }.as_ptr();
             // SAFETY: every bit pattern, zero included, is a valid `Record` (trait contract).
             let zero = unsafe { core::mem::zeroed::<T>() };
             // SAFETY: `slot` is in bounds and aligned; nothing else accesses it yet.
@@ -587,6 +651,13 @@ impl<T: Record> Ring<T> {
             return Err(AttachError::RecordSizeMismatch {
                 expected: T::SIZE,
                 found: size,
+            });
+        }
+        let slot_size = meta.slot_size.load(Ordering::Relaxed);
+        if slot_size != Self::SLOT_SIZE_U32 {
+            return Err(AttachError::SlotSizeMismatch {
+                expected: Self::SLOT_SIZE_U32,
+                found: slot_size,
             });
         }
         let header_size = meta.header_size.load(Ordering::Relaxed);
@@ -780,9 +851,9 @@ impl<T: Record> Producer<T> {
     fn slot(&self, index: u64) -> &Slot<T> {
         let i = slot_of(index, self.mask);
         // SAFETY: `i <= mask < capacity` and the region holds `capacity` slots from `slots`.
-        let slot = unsafe { self.slots.as_ptr().add(i) };
+        let slot = unsafe { nth_slot(self.slots, i) };
         // SAFETY: in bounds, aligned, initialised by `format`; cells allow shared references.
-        unsafe { &*slot }
+        unsafe { slot.as_ref() }
     }
 
     /// Re-read the consumer's index. Returns the number of free slots (0 when full or
@@ -875,9 +946,28 @@ impl<T: Record> Producer<T> {
         n
     }
 
-    #[cfg(not(loom))]
+    /// Write `src` into the slots from `tail` on (free: checked against the consumer's index).
     #[inline(always)]
     fn copy_in(&self, src: &[T]) {
+        #[cfg(not(loom))]
+        if stride::<T>() == size_of::<T>() {
+            self.copy_in_packed(src);
+            return;
+        }
+        let mut index = self.tail;
+        for record in src {
+            self.slot(index).with_mut(|p| {
+                // SAFETY: the slot is free (see `try_push`).
+                unsafe { p.write(*record) }
+            });
+            index = index.wrapping_add(1);
+        }
+    }
+
+    /// `copy_in` for slots exactly a record long: runs of records in one copy each.
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn copy_in_packed(&self, src: &[T]) {
         let start = slot_of(self.tail, self.mask);
         let first = src.len().min(small(self.capacity) - start);
         let (a, b) = src.split_at(first);
@@ -892,18 +982,6 @@ impl<T: Record> Producer<T> {
             let dst = self.slots.as_ptr().cast::<T>();
             // SAFETY: as above for slots 0..b.len(), b.len() < capacity.
             unsafe { core::ptr::copy_nonoverlapping(b.as_ptr(), dst, b.len()) };
-        }
-    }
-
-    #[cfg(loom)]
-    fn copy_in(&self, src: &[T]) {
-        let mut index = self.tail;
-        for record in src {
-            self.slot(index).with_mut(|p| {
-                // SAFETY: the slot is free (see `try_push`).
-                unsafe { p.write(*record) }
-            });
-            index = index.wrapping_add(1);
         }
     }
 
@@ -1029,9 +1107,9 @@ impl<T: Record> Consumer<T> {
     fn slot(&self, index: u64) -> &Slot<T> {
         let i = slot_of(index, self.mask);
         // SAFETY: `i <= mask < capacity` and the region holds `capacity` slots from `slots`.
-        let slot = unsafe { self.slots.as_ptr().add(i) };
+        let slot = unsafe { nth_slot(self.slots, i) };
         // SAFETY: in bounds, aligned, initialised by `format`; cells allow shared references.
-        unsafe { &*slot }
+        unsafe { slot.as_ref() }
     }
 
     /// Re-read the producer's index; returns the number of records ready, or the corruption
@@ -1117,9 +1195,28 @@ impl<T: Record> Consumer<T> {
         Ok(n)
     }
 
-    #[cfg(not(loom))]
+    /// Read the records from `head` on into `dst` (published: see `try_pop`).
     #[inline(always)]
     fn copy_out(&self, dst: &mut [T]) {
+        #[cfg(not(loom))]
+        if stride::<T>() == size_of::<T>() {
+            self.copy_out_packed(dst);
+            return;
+        }
+        let mut index = self.head;
+        for out in dst {
+            *out = self.slot(index).with(|p| {
+                // SAFETY: the slot is published (see `try_pop`).
+                unsafe { p.read() }
+            });
+            index = index.wrapping_add(1);
+        }
+    }
+
+    /// `copy_out` for slots exactly a record long: runs of records in one copy each.
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn copy_out_packed(&self, dst: &mut [T]) {
         let start = slot_of(self.head, self.mask);
         let first = dst.len().min(small(self.capacity) - start);
         let (a, b) = dst.split_at_mut(first);
@@ -1131,18 +1228,6 @@ impl<T: Record> Consumer<T> {
             let src = self.slots.as_ptr().cast::<T>().cast_const();
             // SAFETY: as above for slots 0..b.len().
             unsafe { core::ptr::copy_nonoverlapping(src, b.as_mut_ptr(), b.len()) };
-        }
-    }
-
-    #[cfg(loom)]
-    fn copy_out(&self, dst: &mut [T]) {
-        let mut index = self.head;
-        for out in dst {
-            *out = self.slot(index).with(|p| {
-                // SAFETY: the slot is published (see `try_pop`).
-                unsafe { p.read() }
-            });
-            index = index.wrapping_add(1);
         }
     }
 

@@ -251,6 +251,72 @@ fn attach_refuses_another_record_size_or_header_size() {
 }
 
 #[test]
+fn attach_refuses_another_slot_size() {
+    let buf = Buf::new(ring_len());
+    let ring = formatted(&buf);
+    ring.header().meta.slot_size.store(48, Ordering::Relaxed);
+    let err = Ring::<ExitRecord>::attach(buf.region(0, ring_len())).unwrap_err();
+    assert_eq!(
+        err,
+        AttachError::SlotSizeMismatch {
+            expected: 64,
+            found: 48
+        }
+    );
+    assert!(
+        err.to_string().contains("48 bytes apart, expected 64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn slots_are_padded_so_no_record_straddles_a_cache_line() {
+    assert_eq!(slot_size(1), 1);
+    assert_eq!(slot_size(24), 32);
+    assert_eq!(slot_size(32), 32);
+    assert_eq!(slot_size(48), 64);
+    assert_eq!(slot_size(64), 64);
+    assert_eq!(slot_size(65), 128);
+    assert_eq!(slot_size(200), 256);
+    // An exit ring: header, then CAP 64-byte slots; record k at 512 + 64·k.
+    assert_eq!(
+        Ring::<ExitRecord>::required_size(CAP).unwrap(),
+        512 + 64 * CAP as usize
+    );
+    assert_eq!(
+        Ring::<CompletionRecord>::required_size(CAP).unwrap(),
+        512 + 32 * CAP as usize
+    );
+    let buf = Buf::new(ring_len());
+    let ring = formatted(&buf);
+    assert_eq!(ring.header().meta.slot_size.load(Ordering::Relaxed), 64);
+    let (mut tx, mut rx) = ring.split().unwrap();
+    // Single pushes, then batches that wrap around, popped both ways.
+    for round in 0..5u64 {
+        let base = round * 100;
+        assert!(tx.try_push(rec(base)).is_ok());
+        assert_eq!(
+            tx.push_batch(&[rec(base + 1), rec(base + 2), rec(base + 3)]),
+            3
+        );
+        let base_ptr = buf.ptr.as_ptr().cast_const();
+        for k in 0..4u64 {
+            let index = round * 4 + k;
+            let at = 512 + 64 * usize::try_from(index % u64::from(CAP)).unwrap();
+            // SAFETY: `at + 48 <= ring_len()`, inside the buffer.
+            let at = unsafe { base_ptr.add(at) };
+            // SAFETY: in bounds; the record was published and not yet popped.
+            let seq = unsafe { at.cast::<u64>().read_unaligned() };
+            assert_eq!(seq, base + k, "record {index}");
+        }
+        assert_eq!(rx.try_pop().unwrap().unwrap().seq, base);
+        let mut out = [ExitRecord::default(); 3];
+        assert_eq!(rx.pop_batch(&mut out).unwrap(), 3);
+        assert_eq!(out.map(|r| r.seq), [base + 1, base + 2, base + 3]);
+    }
+}
+
+#[test]
 fn capacity_must_be_a_power_of_two_in_range() {
     let buf = Buf::new(ring_len());
     for bad in [0, 3, 6, MAX_CAPACITY + 1, u32::MAX] {
