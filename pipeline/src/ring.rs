@@ -128,6 +128,11 @@ type Slot<T> = UnsafeCell<T>;
 
 const CACHE_LINE: usize = 64;
 
+/// A re-read of `tail` that finds fewer records than this (but some) counts towards a trickle.
+const TRICKLE: u64 = 8;
+/// Spin-loop hints a trickling consumer waits before it re-reads `tail` (~0.3 µs on our hosts).
+const TRICKLE_PAUSES: u32 = 32;
+
 /// Bytes from one slot to the next for records of `size` bytes: `size` rounded up to a power of
 /// two up to a cache line, else to whole cache lines (see the module docs).
 #[must_use]
@@ -767,6 +772,7 @@ impl<T: Record> Ring<T> {
             cached_tail: head,
             released: head,
             release_every: release_every(capacity),
+            trickle: 0,
             mask: capacity - 1,
             slots: self.slots(),
             header: self.region.base().cast(),
@@ -1065,6 +1071,10 @@ pub struct Consumer<T: Record> {
     released: u64,
     /// Store `head` at least every this many pops ([`release_every`]).
     release_every: u64,
+    /// How many re-reads of `tail` in a row found a few records (fewer than [`TRICKLE`]) and
+    /// none found none: 2 or more means the producer is streaming just ahead of us (see
+    /// [`Consumer::try_pop`]).
+    trickle: u32,
     mask: u64,
     slots: NonNull<Slot<T>>,
     header: NonNull<RingHeader>,
@@ -1132,6 +1142,11 @@ impl<T: Record> Consumer<T> {
             return Err(e);
         }
         self.cached_tail = tail;
+        self.trickle = if ready != 0 && ready < TRICKLE {
+            self.trickle.saturating_add(1)
+        } else {
+            0
+        };
         if ready == 0 && self.released != self.head {
             // Caught up: hand every slot we have read back before we idle.
             self.release();
@@ -1152,12 +1167,39 @@ impl<T: Record> Consumer<T> {
         self.released = self.head;
     }
 
+    /// A consumer that pops one record at a time as fast as a producer pushes them keeps
+    /// catching up with it: each re-read of `tail` then finds one or two new records, and the
+    /// `tail` line and the slot being written bounce between the two cores once per record (the
+    /// "lock-step" that held single push/pop to a third of its speed, `docs/perf-ring.md`).
+    /// When two re-reads in a row found only a few records, and none found the ring empty, the
+    /// consumer waits a moment before the next: the producer meanwhile writes a run of records
+    /// undisturbed, and one `tail` read then covers the whole run. A request/response exchange
+    /// never waits here: between two answers its consumer finds the ring empty, which resets
+    /// the count. Only [`Consumer::try_pop`] waits; [`Consumer::pop_batch`] and the waits do not.
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn let_the_producer_run_ahead() {
+        for _ in 0..TRICKLE_PAUSES {
+            core::hint::spin_loop();
+        }
+    }
+
     /// Take the oldest record, `Ok(None)` if the ring is empty, or the corruption that
     /// poisoned this handle.
+    ///
+    /// When the producer has been trickling records just ahead of this consumer (see
+    /// `let_the_producer_run_ahead`), a pop that has used up what it saw last waits ~0.3 µs
+    /// before it looks again.
     #[inline(always)]
     pub fn try_pop(&mut self) -> Result<Option<T>, RingError> {
-        if self.head == self.cached_tail && self.refresh_tail()? == 0 {
-            return Ok(None);
+        if self.head == self.cached_tail {
+            #[cfg(not(loom))]
+            if self.trickle >= 2 {
+                Self::let_the_producer_run_ahead();
+            }
+            if self.refresh_tail()? == 0 {
+                return Ok(None);
+            }
         }
         let record = self.slot(self.head).with(|p| {
             // SAFETY: `head < cached_tail`, which the producer published with release ordering
@@ -1418,6 +1460,8 @@ impl Consumer<CompletionRecord> {
         timeout: Duration,
     ) -> Result<CompletionRecord, RingError> {
         let mut clock = Clock::start();
+        // A vCPU waiting for its answer must never wait on purpose.
+        self.trickle = 0;
         loop {
             while let Some(c) = self.try_pop()? {
                 if c.seq == seq {

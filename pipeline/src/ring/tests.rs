@@ -317,6 +317,55 @@ fn slots_are_padded_so_no_record_straddles_a_cache_line() {
 }
 
 #[test]
+fn a_trickling_producer_is_told_from_a_request_response_exchange() {
+    let (mut tx, mut rx) = channel::<ExitRecord>(64);
+    // Request/response: between two records the consumer finds the ring empty.
+    for seq in 0..10 {
+        assert!(tx.try_push(rec(seq)).is_ok());
+        assert_eq!(rx.try_pop().unwrap().unwrap().seq, seq);
+        assert!(rx.try_pop().unwrap().is_none());
+        assert_eq!(rx.trickle, 0, "after answer {seq}");
+    }
+    // Streaming one or two records ahead: every re-read finds a few, none finds none.
+    let mut seq = 10;
+    for round in 1..=4u32 {
+        for _ in 0..2 {
+            assert!(tx.try_push(rec(seq)).is_ok());
+            seq += 1;
+        }
+        assert_eq!(rx.try_pop().unwrap().unwrap().seq, seq - 2);
+        assert_eq!(rx.try_pop().unwrap().unwrap().seq, seq - 1);
+        assert_eq!(rx.trickle, round);
+    }
+    // A long run (TRICKLE or more at once) is not a trickle; neither is an empty ring.
+    for _ in 0..TRICKLE {
+        assert!(tx.try_push(rec(seq)).is_ok());
+        seq += 1;
+    }
+    assert!(rx.try_pop().unwrap().is_some());
+    assert_eq!(rx.trickle, 0);
+    while rx.try_pop().unwrap().is_some() {}
+    assert_eq!(rx.trickle, 0);
+}
+
+#[test]
+fn a_completion_wait_never_backs_off() {
+    let (mut tx, mut rx) = channel::<CompletionRecord>(8);
+    rx.trickle = 5;
+    assert!(tx
+        .try_push(CompletionRecord {
+            seq: 3,
+            ..CompletionRecord::default()
+        })
+        .is_ok());
+    let c = rx
+        .wait_completion(3, Duration::from_millis(1), Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(c.seq, 3);
+    assert!(rx.trickle < 2, "{}", rx.trickle);
+}
+
+#[test]
 fn capacity_must_be_a_power_of_two_in_range() {
     let buf = Buf::new(ring_len());
     for bad in [0, 3, 6, MAX_CAPACITY + 1, u32::MAX] {
