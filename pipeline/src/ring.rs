@@ -16,9 +16,9 @@
 //! [`ExitRecord`](crate::ExitRecord) gets a 64-byte slot, the 32-byte
 //! [`CompletionRecord`](crate::CompletionRecord) a 32-byte one. So no record straddles two
 //! cache lines, and when both ends work one record apart (a near-empty ring) the producer
-//! writing record k + 1 no longer shares a line with the consumer reading record k: with
-//! 48-byte slots half the records straddled two lines, and single push/pop ran at a third of
-//! its speed (`docs/perf-ring.md`).
+//! writing record k + 1 no longer shares a line with the consumer reading record k (with
+//! 48-byte slots half the records straddled two lines; padding them made single push/pop
+//! 1.3–1.5× faster, `docs/perf-ring.md`).
 //! (Offsets for x86-64, where `CachePadded` is 128 bytes so that the adjacent-line prefetcher
 //! cannot pull the two indices into one false-sharing pair; asserted at compile time. Other
 //! architectures keep the order with their own padding; the header size is stored and checked.)
@@ -148,6 +148,7 @@ pub const fn slot_size(size: usize) -> usize {
 const fn stride<T>() -> usize {
     let stride = slot_size(size_of::<Slot<T>>());
     assert!(stride % align_of::<Slot<T>>() == 0);
+    assert!(stride <= u32::MAX as usize);
     stride
 }
 
@@ -524,8 +525,7 @@ impl<T: Record> Ring<T> {
     /// [`slot_size`] for `T`, as stored in the header.
     #[allow(
         clippy::cast_possible_truncation,
-        reason = "a record's size fits in u32 (`Record` contract), and its slot size is at most \
-                  63 bytes more"
+        reason = "`stride` asserts at compile time that it fits"
     )]
     const SLOT_SIZE_U32: u32 = stride::<T>() as u32;
 
