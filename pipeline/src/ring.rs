@@ -1365,6 +1365,23 @@ impl<T: Record> Consumer<T> {
         self.wait_since(&mut Clock::start_yielding(), spin, timeout)
     }
 
+    /// Ask for the line of the next record to be written while we wait for it, so that once
+    /// the producer has written it the line travels alongside the `tail` line we poll instead
+    /// of after it (two cross-core transfers in parallel rather than in turn). A hint only: it
+    /// reads nothing and cannot fault (the slot lies inside our mapping).
+    #[inline(always)]
+    fn prefetch_next(&self) {
+        #[cfg(all(not(loom), target_arch = "x86_64"))]
+        {
+            let line = core::ptr::from_ref(self.slot(self.head)).cast::<i8>();
+            // SAFETY: `_mm_prefetch` needs SSE, which every x86-64 CPU has; a prefetch of any
+            // address is architecturally harmless, and this one is inside the ring's slots.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line)
+            };
+        }
+    }
+
     /// Records ready according to the cached producer index, refreshing it if that says none.
     #[inline]
     fn ready(&mut self) -> Result<usize, RingError> {
@@ -1385,6 +1402,7 @@ impl<T: Record> Consumer<T> {
         }
         while clock.keep_spinning(spin) {
             spin_hint();
+            self.prefetch_next();
             if self.refresh_tail()? > 0 {
                 return Ok(WaitOutcome::Ready { parked: false });
             }
