@@ -1170,7 +1170,7 @@ impl<T: Record> Consumer<T> {
     /// A consumer that pops one record at a time as fast as a producer pushes them keeps
     /// catching up with it: each re-read of `tail` then finds one or two new records, and the
     /// `tail` line and the slot being written bounce between the two cores once per record (the
-    /// "lock-step" that held single push/pop to a third of its speed, `docs/perf-ring.md`).
+    /// "lock-step" that held single push/pop to under half its speed, `docs/perf-ring.md`).
     /// When two re-reads in a row found only a few records, and none found the ring empty, the
     /// consumer waits a moment before the next: the producer meanwhile writes a run of records
     /// undisturbed, and one `tail` read then covers the whole run. A request/response exchange
