@@ -131,7 +131,8 @@ const CACHE_LINE: usize = 64;
 /// A re-read of `tail` that finds fewer records than this (but some) counts towards a trickle.
 const TRICKLE: u64 = 8;
 /// Spin-loop hints a trickling consumer waits before it re-reads `tail` (~0.7 µs on our hosts:
-/// a `PAUSE` takes ~22 ns on their AMD CPUs).
+/// a `PAUSE` takes ~22 ns on their AMD CPUs). Not in the loom models (a hint outside them).
+#[cfg(not(loom))]
 const TRICKLE_PAUSES: u32 = 32;
 
 /// Bytes from one slot to the next for records of `size` bytes: `size` rounded up to a power of
@@ -783,8 +784,13 @@ impl<T: Record> Ring<T> {
             fallback_parks: 0,
             late_wakeups: 0,
             stale_completions: 0,
+            // A producer that attached before us must count as seen at once: a consumer that is
+            // kept busy until its producer lets go never looks at the claims in between, and
+            // would take that producer's going for "not attached yet" and sleep out its timeout.
             #[cfg(any(feature = "std", loom))]
-            producer_seen: false,
+            producer_seen: self.header().meta.claims.load(Ordering::Acquire) & CLAIM_PRODUCER != 0,
+            #[cfg(any(feature = "std", loom))]
+            attached_at: head,
             _region: self.region.clone(),
             _record: PhantomData,
         })
@@ -1088,6 +1094,9 @@ pub struct Consumer<T: Record> {
     /// Whether a producer has been seen attached (so a detached one means "gone", not "not yet").
     #[cfg(any(feature = "std", loom))]
     producer_seen: bool,
+    /// `head` when this handle was made: records published after it prove a producer was here.
+    #[cfg(any(feature = "std", loom))]
+    attached_at: u64,
     /// Keeps the memory mapped (for owned regions).
     _region: Region,
     _record: PhantomData<T>,
@@ -1341,12 +1350,13 @@ impl<T: Record> Consumer<T> {
         self.header().meta.claims.load(Ordering::Acquire) & CLAIM_PRODUCER != 0
     }
 
-    /// Whether the producer has gone: it was attached at some point this consumer looked, and is
-    /// not now (dropped; in the two-process layout, the producing process let go). A producer that
-    /// has not attached yet is not "gone".
+    /// Whether the producer has gone: it was attached when this handle was made or at some point
+    /// this consumer looked, or it published records since, and is not attached now (dropped; in
+    /// the two-process layout, the producing process let go). A producer that has not attached
+    /// yet is not "gone".
     pub fn producer_gone(&mut self) -> bool {
         let attached = self.producer_attached();
-        self.producer_seen |= attached;
+        self.producer_seen |= attached || self.cached_tail != self.attached_at;
         self.producer_seen && !attached
     }
 

@@ -814,6 +814,44 @@ fn a_failed_membarrier_caps_every_park() {
 }
 
 #[test]
+fn a_producer_that_lets_go_before_the_consumer_ever_parked_is_gone() {
+    // The consumer is busy the whole time its producer is attached (records keep coming, it never
+    // parks), so it never looks at the claims until the producer has let go. It must still learn
+    // at its first park that nothing more will come, not sleep out its timeout: this cost a
+    // short-lived VM 100 ms at its end when its device-model thread had started late.
+    let (mut p, mut c) = crate::channel::<ExitRecord>(8);
+    p.try_push(rec(1)).unwrap();
+    assert_eq!(
+        c.wait_for_records(Duration::ZERO, Duration::from_secs(1)),
+        Ok(WaitOutcome::Ready { parked: false })
+    );
+    assert_eq!(c.try_pop().unwrap().map(|r| r.seq), Some(1));
+    drop(p);
+    let out = c.wait_for_records(Duration::ZERO, Duration::from_secs(2));
+    assert_eq!(out, Ok(WaitOutcome::TimedOut));
+    assert_eq!(c.parks(), 0, "it slept although its producer was gone");
+    assert!(c.producer_gone());
+
+    // The same when the producer published nothing at all before letting go.
+    let (p, mut c) = crate::channel::<ExitRecord>(8);
+    drop(p);
+    assert!(c.producer_gone());
+    // A producer that published and let go before this handle was made is seen through its
+    // records once they are read; one that never attached is not "gone".
+    let buf = Buf::new(ring_len());
+    let ring = formatted(&buf);
+    let mut c = ring.consumer().unwrap();
+    assert!(!c.producer_gone(), "no producer has attached yet");
+    drop(c);
+    let mut p = ring.producer().unwrap();
+    p.try_push(rec(7)).unwrap();
+    drop(p);
+    let mut c = ring.consumer().unwrap();
+    assert_eq!(c.try_pop(), Ok(Some(rec(7))));
+    assert!(c.producer_gone());
+}
+
+#[test]
 fn a_woken_park_is_not_late() {
     let (mut p, mut c) = crate::channel::<ExitRecord>(8);
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
