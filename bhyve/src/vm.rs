@@ -117,34 +117,34 @@ const CONSOLE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// Set by SIGINT, SIGTERM or SIGHUP.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-/// The running VM's stop flag, for the signal handler (null before the VM starts). It points into
-/// an `Arc` leaked for the rest of the process, so the handler can never see it freed.
-static VM_STOP: std::sync::atomic::AtomicPtr<AtomicBool> =
+/// The running VM's stop switch, for the signal handler (null before the VM starts). It points
+/// into an `Arc` leaked for the rest of the process, so the handler can never see it freed.
+static VM_STOP: std::sync::atomic::AtomicPtr<vcpu_runner::StopSwitch> =
     std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 
 extern "C" fn on_terminate(_sig: libc::c_int) {
     STOP.store(true, Ordering::Release);
     let vm = VM_STOP.load(Ordering::Acquire);
     if !vm.is_null() {
-        // SAFETY: a non-null VM_STOP points into a leaked `Arc<AtomicBool>` (see
-        // `stop_on_signals`), valid for the rest of the process; an atomic store is
-        // async-signal-safe.
-        unsafe { (*vm).store(true, Ordering::Release) };
+        // SAFETY: a non-null VM_STOP points into a leaked `Arc<StopSwitch>` (see
+        // `stop_on_signals`), valid for the rest of the process; `StopSwitch::stop` is
+        // async-signal-safe (an atomic store and a write(2)).
+        unsafe { (*vm).stop() };
     }
 }
 
-/// From now on SIGINT, SIGTERM and SIGHUP set `flag` (the running VM's stop flag) straight from
-/// the handler; a signal that came before is applied now. The VM's wait loop sees the flag at its
-/// next look (20 ms apart while the VM is busy, 100 ms while it is idle). (This replaced a thread
-/// that polled for signals every 10 ms: 100 wake-ups a second of an idle VM.)
-fn stop_on_signals(flag: Arc<AtomicBool>) {
-    let ptr = Arc::into_raw(flag).cast_mut();
-    // Published before STOP is looked at: a signal after this store sets the flag itself, one
+/// From now on SIGINT, SIGTERM and SIGHUP stop the VM straight from the handler, which also wakes
+/// the thread waiting for the VM (so the stop takes effect at once, idle VM or not); a signal
+/// that came before is applied now. (This replaced a thread that polled for signals every 10 ms:
+/// 100 wake-ups a second of an idle VM.)
+fn stop_on_signals(switch: Arc<vcpu_runner::StopSwitch>) {
+    let ptr = Arc::into_raw(switch).cast_mut();
+    // Published before STOP is looked at: a signal after this store stops the VM itself, one
     // before it is seen in STOP below.
     VM_STOP.store(ptr, Ordering::SeqCst);
     if STOP.load(Ordering::SeqCst) {
         // SAFETY: `ptr` comes from `Arc::into_raw` above and is never released.
-        unsafe { (*ptr).store(true, Ordering::Release) };
+        unsafe { (*ptr).stop() };
     }
 }
 
@@ -808,7 +808,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         eprintln!("bhyve: control socket for {}: {e}", cfg.name);
     }
     // Signals stop the VM from the host.
-    stop_on_signals(vm.stop_flag());
+    stop_on_signals(vm.stop_switch());
     // Exit rates over time, for the plots.
     let sampler = cfg.plots_dir.as_ref().map(|_| {
         let (vm, done) = (vm.clone(), Arc::new(AtomicBool::new(false)));
@@ -852,7 +852,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         }
     }
     phase("console output drained");
-    vm.stop_flag().store(true, Ordering::Release);
+    vm.stop_switch().stop();
     timers_stop.store(true, Ordering::Release);
     pc.notify_timers();
     let _ = timers.join();

@@ -357,8 +357,8 @@ const HALT_CHECK_AFTER: Duration = Duration::from_millis(500);
 /// coalesced writes nothing exited after, halt detection, trace draining) while it is busy: some
 /// vCPU took an exit since the last look, tracing is on, or coalesced writes are pending.
 const WATCH_BUSY: Duration = Duration::from_millis(20);
-/// ... and while it is idle: an idle VM's waiting thread wakes 10 times a second, not 50. A stop
-/// from a signal then takes up to this long.
+/// ... and while it is idle: an idle VM's waiting thread wakes 10 times a second, not 50. (A stop
+/// and a vCPU that ends wake it at once: see [`StopSwitch`].)
 const WATCH_IDLE: Duration = Duration::from_millis(100);
 
 /// The vCPU end of one ring pair.
@@ -534,17 +534,17 @@ where
         stop: Arc<AtomicBool>,
     ) -> Result<RunOutcome, MachineError> {
         let vm = self.start(entry, devices, requests, cfg)?;
-        let flag = vm.stop_flag();
+        let switch = vm.stop_switch();
         let watcher = std::thread::spawn(move || {
-            while !flag.load(Ordering::Acquire) {
+            while !switch.is_set() {
                 if stop.load(Ordering::Acquire) {
-                    flag.store(true, Ordering::Release);
+                    switch.stop();
                 }
                 std::thread::park_timeout(Duration::from_millis(10));
             }
         });
         let outcome = vm.wait();
-        vm.stop_flag().store(true, Ordering::Release);
+        vm.stop_switch().stop();
         watcher.thread().unpark();
         let _ = watcher.join();
         outcome.ok_or_else(|| MachineError::Rings("run outcome already taken".into()))
@@ -578,6 +578,9 @@ where
         let slow_stop = Arc::new(AtomicBool::new(false));
         let slow_side = Arc::new(SlowSide::new(devices.slow));
         let (done_tx, done_rx) = mpsc::channel::<(u32, VcpuOutcome)>();
+        let stop = Arc::new(
+            StopSwitch::new().map_err(|e| MachineError::Rings(format!("stop eventfd: {e}")))?,
+        );
         let mut controls = Vec::with_capacity(n);
         let mut vcpu_threads = Vec::with_capacity(n);
         let mut slow_threads = Vec::with_capacity(n);
@@ -656,7 +659,7 @@ where
             let (created, ncpus) = (created.clone(), self.ncpus);
             let create_timeout = cfg.control_timeout;
             let platform = platform.clone();
-            let done = done_tx.clone();
+            let (done, bell) = (done_tx.clone(), stop.clone());
             let pin = cfg.pin.then_some(idx % host);
             let entry = (i == 0).then_some(entry);
             let name = format!("vcpu-{i}");
@@ -691,6 +694,7 @@ where
                         })()
                         .unwrap_or_else(|e| VcpuOutcome::Error(format!("vCPU {i}: {e}")));
                         let _ = done.send((i, outcome));
+                        bell.ring();
                     })
                     .map_err(|source| MachineError::Thread { name, source })?,
             );
@@ -716,7 +720,7 @@ where
             controls,
             vcpu_stats,
             slow_stats,
-            stop: Arc::new(AtomicBool::new(false)),
+            stop,
             stopping,
             slow_stop,
             control_timeout: cfg.control_timeout,
@@ -753,6 +757,63 @@ impl TraceStore {
     }
 }
 
+/// Stops a running VM from outside ([`StopSwitch::stop`]) and wakes the thread in
+/// [`RunningVm::wait`] at once, for a stop as for a vCPU that ended, instead of at that thread's
+/// next periodic look (up to [`WATCH_IDLE`] while the VM is idle).
+///
+/// [`StopSwitch::stop`] is async-signal-safe (an atomic store and a `write(2)` to an eventfd), so
+/// a signal handler may call it.
+#[derive(Debug)]
+pub struct StopSwitch {
+    flag: AtomicBool,
+    bell: vmm_sys_util::eventfd::EventFd,
+}
+
+impl StopSwitch {
+    fn new() -> Result<Self, std::io::Error> {
+        Ok(Self {
+            flag: AtomicBool::new(false),
+            bell: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        })
+    }
+
+    /// Asks the VM to stop (as SIGTERM does): the waiting thread sees it at once.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.ring();
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Wakes the waiting thread (a stop, or a vCPU thread that has sent its outcome).
+    fn ring(&self) {
+        // Only fails if the counter would overflow, which leaves it readable anyway.
+        let _ = self.bell.write(1);
+    }
+
+    /// Waits until the bell rings or `timeout` passes, and clears it. True if it rang.
+    fn wait(&self, timeout: Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.bell),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            // Non-blocking: clears the counter, or finds it already cleared.
+            let _ = self.bell.read();
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The threads of a running VM, owned by whoever calls [`RunningVm::wait`].
 struct Threads {
     done_rx: mpsc::Receiver<(u32, VcpuOutcome)>,
@@ -778,7 +839,7 @@ pub struct RunningVm<H: Hypervisor> {
     controls: Vec<Arc<VcpuControl>>,
     vcpu_stats: Vec<Arc<VcpuStats>>,
     slow_stats: Vec<Arc<SlowStats>>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSwitch>,
     stopping: Arc<AtomicBool>,
     slow_stop: Arc<AtomicBool>,
     control_timeout: Duration,
@@ -851,8 +912,8 @@ impl<H: Hypervisor> RunningVm<H> {
         &self.segments
     }
 
-    /// The flag that stops the VM from the host when set (signal handlers set it).
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+    /// What stops the VM from the host (signal handlers use it).
+    pub fn stop_switch(&self) -> Arc<StopSwitch> {
         self.stop.clone()
     }
 
@@ -930,49 +991,54 @@ impl<H: Hypervisor> RunningVm<H> {
         let mut period = WATCH_BUSY;
         // Wait for the first vCPU to stop, or for a stop from outside.
         let first = loop {
-            match done_rx.recv_timeout(period) {
+            match done_rx.try_recv() {
                 Ok(o) => break Some(o),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if self.stop.load(Ordering::Acquire) {
-                        break None;
-                    }
-                    let tracing = self.trace_switch.is_enabled();
-                    if tracing {
-                        lock(&self.trace).drain();
-                    }
-                    // A device on the slow side may have asked (a vCPU notices on its next exit;
-                    // kick so a vCPU halted in the kernel notices too).
-                    if self.requests.pending().is_some() {
-                        for c in &self.controls {
-                            c.kick();
-                        }
-                    }
-                    // Coalesced writes waiting on two checks in a row: nothing exited since (a
-                    // reset through 0xCF9 followed by a busy loop). vCPU 0 applies them on a kick.
-                    let pending = self.platform.coalesced.get().is_some_and(|r| !r.is_empty());
-                    if pending && coalesced_pending {
-                        if let Some(c) = self.controls.first() {
-                            c.kick();
-                        }
-                    }
-                    coalesced_pending = pending;
-                    // Halt detection: only when no vCPU has taken an exit for a while, so a busy
-                    // VM never pays for it.
-                    let now_exits = exits();
-                    let busy = now_exits != last_exits || pending || tracing;
-                    period = if busy { WATCH_BUSY } else { WATCH_IDLE };
-                    if now_exits != last_exits {
-                        (quiet_since, last_exits) = (Instant::now(), now_exits);
-                    } else if self.halt_detection
-                        && quiet_since.elapsed() >= HALT_CHECK_AFTER
-                        && self.all_halted_with_interrupts_off()
-                    {
-                        self.request(VmRequest::Halt);
-                    } else if quiet_since.elapsed() >= HALT_CHECK_AFTER {
-                        quiet_since = Instant::now();
-                    }
+                Err(mpsc::TryRecvError::Disconnected) => break None,
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            if self.stop.is_set() {
+                break None;
+            }
+            // A vCPU thread rings after sending its outcome, a stop after setting its flag: a
+            // ring after the looks above is not lost (the eventfd keeps it), so a wake-up only
+            // has to look again.
+            if self.stop.wait(period) {
+                continue;
+            }
+            let tracing = self.trace_switch.is_enabled();
+            if tracing {
+                lock(&self.trace).drain();
+            }
+            // A device on the slow side may have asked (a vCPU notices on its next exit;
+            // kick so a vCPU halted in the kernel notices too).
+            if self.requests.pending().is_some() {
+                for c in &self.controls {
+                    c.kick();
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            }
+            // Coalesced writes waiting on two checks in a row: nothing exited since (a
+            // reset through 0xCF9 followed by a busy loop). vCPU 0 applies them on a kick.
+            let pending = self.platform.coalesced.get().is_some_and(|r| !r.is_empty());
+            if pending && coalesced_pending {
+                if let Some(c) = self.controls.first() {
+                    c.kick();
+                }
+            }
+            coalesced_pending = pending;
+            // Halt detection: only when no vCPU has taken an exit for a while, so a busy
+            // VM never pays for it.
+            let now_exits = exits();
+            let busy = now_exits != last_exits || pending || tracing;
+            period = if busy { WATCH_BUSY } else { WATCH_IDLE };
+            if now_exits != last_exits {
+                (quiet_since, last_exits) = (Instant::now(), now_exits);
+            } else if self.halt_detection
+                && quiet_since.elapsed() >= HALT_CHECK_AFTER
+                && self.all_halted_with_interrupts_off()
+            {
+                self.request(VmRequest::Halt);
+            } else if quiet_since.elapsed() >= HALT_CHECK_AFTER {
+                quiet_since = Instant::now();
             }
         };
         let elapsed = self.started.elapsed();
@@ -1059,6 +1125,27 @@ mod tests {
     impl BusDevice for Nop {
         fn read(&mut self, _o: u64, _d: &mut [u8]) {}
         fn write(&mut self, _o: u64, _d: &[u8]) {}
+    }
+
+    #[test]
+    fn a_stop_wakes_the_waiting_thread_instead_of_waiting_for_its_next_look() {
+        let switch = Arc::new(StopSwitch::new().unwrap());
+        // Nothing rang: the wait times out.
+        assert!(!switch.wait(Duration::from_millis(1)));
+        let s = switch.clone();
+        let waiter = std::thread::spawn(move || s.wait(Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!switch.is_set());
+        switch.stop();
+        assert!(
+            waiter.join().unwrap(),
+            "the stop did not wake the waiting thread (it timed out)"
+        );
+        assert!(switch.is_set());
+        // A ring before anyone waits is kept for the next wait, then cleared by it.
+        switch.ring();
+        assert!(switch.wait(Duration::from_secs(30)));
+        assert!(!switch.wait(Duration::from_millis(1)));
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Control of a live VM (tier: needs `/dev/kvm`): pause, register reads through the vCPU mailbox,
 //! resume, host stop — each bounded — on a guest that never stops by itself.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +63,7 @@ fn pause_inspect_resume_and_stop_a_running_guest() {
     assert_eq!(sregs.cs.dpl, 3, "the workload runs in ring 3");
 
     if let Err(e) = vm.resume() {
-        vm.stop_flag().store(true, Ordering::Release);
+        vm.stop_switch().stop();
         panic!("resume: {e}; outcome {:?}", vm.wait());
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -79,7 +78,7 @@ fn pause_inspect_resume_and_stop_a_running_guest() {
     assert!(vm.vcpu_op(7, VcpuOp::GetRegs).is_err(), "no vCPU 7");
 
     let t = Instant::now();
-    vm.stop_flag().store(true, Ordering::Release);
+    vm.stop_switch().stop();
     let out = vm.wait().expect("outcome");
     assert!(
         t.elapsed() < Duration::from_secs(2),
