@@ -3,7 +3,8 @@
 //! `cargo bench -p perf --bench exits` (env: `EXITS_N`, default 100000 exits per run; `EXITS_REPS`,
 //! default 5; `EXITS_DEVICE_SPIN_US`, the device-model thread's spin before it parks, default
 //! `RunConfig`'s 200 µs; `EXITS_CLASSES`, a comma-separated subset of
-//! `fast,posted,waited,trace,coalesced`, default all). Prints a markdown table; bar: fast ≤ 1.05×
+//! `fast,posted,waited,trace,coalesced`, default all; `EXITS_RAW_SPINNER=1` runs a spinning
+//! thread on CPU 1 beside the raw loop). Prints a markdown table; bar: fast ≤ 1.05×
 //! raw, posted ≤ 1.05× raw, waited ≤ raw + 1 µs; then the cost of tracing every exit (`trace`);
 //! then what a coalesced write costs against an exit, and what its zone costs once (`coalesced`).
 

@@ -142,6 +142,17 @@ pub fn run_ours_opts(guest: &str, n: u64, trace: bool, coalesce: bool) -> Durati
         Arc::new(Mutex::new(ScratchMem::default())),
     )
     .unwrap();
+    // The guests' own messages on COM1 (start and end, outside the measured exits), dropped as
+    // the raw loop drops them, rather than logged as unclaimed.
+    d.add(
+        "com1",
+        Space::Pio,
+        0x3f8,
+        8,
+        Stage::Fast,
+        Arc::new(Mutex::new(stages::misc::Absent)),
+    )
+    .unwrap();
     if coalesce {
         d.coalesce(Space::Pio, SCRATCH_FAST_PORT, 4)
             .expect("coalesced zone");
@@ -175,12 +186,30 @@ pub fn run_ours_opts(guest: &str, n: u64, trace: bool, coalesce: bool) -> Durati
 /// pinned to host CPU 0 as our vCPU 0 is; returns the wall time of the whole run.
 pub fn run_raw(guest: &str, n: u64) -> Duration {
     let guest = guest.to_string();
-    std::thread::spawn(move || {
+    // With EXITS_RAW_SPINNER set, a thread on CPU 1 spins (a relaxed load and a spin-loop hint,
+    // as our device-model thread does between records) while the raw loop runs: does a busy
+    // sibling CPU alone make `KVM_RUN` slower? (2026-11-25: no, see docs/perf.md.)
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinner = std::env::var_os("EXITS_RAW_SPINNER").map(|_| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _ = vcpu_runner::runner::pin_to_cpu(1);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    });
+    let r = std::thread::spawn(move || {
         let _ = vcpu_runner::runner::pin_to_cpu(0);
         run_raw_here(&guest, n)
     })
     .join()
-    .expect("raw loop thread")
+    .expect("raw loop thread");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(s) = spinner {
+        s.join().expect("spinner thread");
+    }
+    r
 }
 
 fn run_raw_here(guest: &str, n: u64) -> Duration {
