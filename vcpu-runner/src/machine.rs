@@ -524,30 +524,18 @@ where
         &self.vm
     }
 
-    /// Runs the VM until it stops; `stop` set from outside (a signal handler) stops it too.
+    /// Runs the VM until it stops. (To stop it from outside, use [`Machine::start`] and
+    /// [`RunningVm::stop_switch`].)
     pub fn run(
         self,
         entry: EntryRegs,
         devices: Devices,
         requests: Arc<VmRequests>,
         cfg: &RunConfig,
-        stop: Arc<AtomicBool>,
     ) -> Result<RunOutcome, MachineError> {
-        let vm = self.start(entry, devices, requests, cfg)?;
-        let switch = vm.stop_switch();
-        let watcher = std::thread::spawn(move || {
-            while !switch.is_set() {
-                if stop.load(Ordering::Acquire) {
-                    switch.stop();
-                }
-                std::thread::park_timeout(Duration::from_millis(10));
-            }
-        });
-        let outcome = vm.wait();
-        vm.stop_switch().stop();
-        watcher.thread().unpark();
-        let _ = watcher.join();
-        outcome.ok_or_else(|| MachineError::Rings("run outcome already taken".into()))
+        self.start(entry, devices, requests, cfg)?
+            .wait()
+            .ok_or_else(|| MachineError::Rings("run outcome already taken".into()))
     }
 
     /// Starts every vCPU and device-model thread and returns a handle to the running VM.

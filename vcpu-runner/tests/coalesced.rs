@@ -3,7 +3,6 @@
 //! coalesced zone the writes queue in KVM's ring (and exit when it is full), and the read must still
 //! see every one of them.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use stages::misc::{DebugExit, Scratch, DEBUG_EXIT_PORT, SCRATCH_FAST_PORT, SCRATCH_PORT_LEN};
@@ -53,7 +52,6 @@ fn run_fast(n: u64, coalesce: bool) -> (RunExit, u64, u64) {
             devices,
             requests,
             &RunConfig::default(),
-            Arc::new(AtomicBool::new(false)),
         )
         .unwrap();
     let s = &out.vcpu_stats[0];

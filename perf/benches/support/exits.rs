@@ -5,7 +5,6 @@
 //! Cost per exit = (time of a run with `n=N` − time of a run with `n=0`) / exits in the workload, so
 //! VM creation, loading and thread start-up cancel out.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -170,7 +169,6 @@ pub fn run_ours_opts(guest: &str, n: u64, trace: bool, coalesce: bool) -> Durati
                     .map_or(RunConfig::default().device_spin, Duration::from_micros),
                 ..RunConfig::default()
             },
-            Arc::new(AtomicBool::new(false)),
         )
         .expect("run");
     let took = t0.elapsed();
