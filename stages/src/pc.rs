@@ -94,9 +94,10 @@ pub const IOAPIC_ID: u8 = 0;
 pub const TIMER_ROUND_NS: u64 = MIN_TIMER_PERIOD_NS;
 
 /// The longest the timer thread sleeps without looking at its stop flag. Every stop of a VM also
-/// wakes it ([`PcPlatform::notify_timers`]); this bounds a stop that does not, and sets how often
-/// an idle platform's thread wakes (10 times a second; with 20 ms it was 50).
-pub const TIMER_MAX_SLEEP_NS: u64 = 100_000_000;
+/// wakes it ([`PcPlatform::notify_timers`]), and every access that moves a deadline earlier kicks
+/// it; this only bounds a stop that does not wake it, and sets how often an idle platform's thread
+/// wakes: once a second (with 100 ms it was 10 times, with 20 ms 50).
+pub const TIMER_MAX_SLEEP_NS: u64 = 1_000_000_000;
 
 /// Interrupt lines the platform tracks (the I/O APIC's inputs; ISA IRQs are the first 16).
 pub const PC_LINES: usize = IOAPIC_PINS;

@@ -131,8 +131,8 @@ impl SlowSide {
         let mut batch = [ExitRecord::default(); 32];
         while !stop.load(Ordering::Acquire) {
             // The timeout only bounds how late a stop is seen if nothing wakes this thread (the
-            // vCPU side letting go of the ring does): an idle thread wakes 10 times a second.
-            match exits.wait_for_records(spin, Duration::from_millis(100))? {
+            // vCPU side letting go of the ring does): an idle thread wakes once a second.
+            match exits.wait_for_records(spin, Duration::from_secs(1))? {
                 // The vCPU side let go of the ring (its vCPU stopped): drain and end.
                 WaitOutcome::TimedOut if exits.producer_gone() => break,
                 WaitOutcome::TimedOut => continue,

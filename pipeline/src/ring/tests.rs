@@ -798,7 +798,7 @@ fn a_failed_membarrier_caps_every_park() {
     let out = c.wait_for_records(Duration::ZERO, Duration::from_millis(30));
     crate::barrier::FAIL_BARRIER_FOR_TEST.set(false);
     assert_eq!(out, Ok(WaitOutcome::TimedOut));
-    // 30 ms in slices of at most FALLBACK_PARK (1 ms), instead of PARK_SLICE (100 ms).
+    // 30 ms in slices of at most FALLBACK_PARK (1 ms), instead of PARK_SLICE (1 s).
     assert!(
         c.fallback_parks() >= 5,
         "fallback parks: {}",
