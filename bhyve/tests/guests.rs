@@ -318,7 +318,7 @@ fn wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
 
 /// An idle VM (the `halt` guest with halt detection off: its vCPU blocked in the kernel) costs the
 /// host few wake-ups: no thread polls at a high rate. Measured 13 a second in all (2026-11-25
-/// 13:45: main thread 10, device-model 1, timers 1, control socket 1; 31 that morning, with the
+/// 13:20: main thread 10, device-model 1, timers 1, control socket 1; 31 that morning, with the
 /// device-model and timer threads at 10 each; 302 before, with a signal poller at 100 and shorter
 /// waits elsewhere). Either of those threads back at 10 a second, or any new poller at 100 ms or
 /// faster, breaks the bound of 20. `perf/scripts/idle-wakeups.sh` prints the same per thread.
