@@ -149,6 +149,34 @@ fn bracket() -> (u64, Instant, u64) {
     best
 }
 
+/// The calibration window of [`Clock::global`].
+pub const GLOBAL_WINDOW: Duration = Duration::from_micros(500);
+
+static GLOBAL: OnceLock<Clock> = OnceLock::new();
+
+/// A TSC calibration in progress ([`Clock::start_calibration`]): the first bracket is taken.
+#[derive(Debug)]
+pub struct Calibration {
+    /// (ticks, instant) of the first bracket; `None` when the TSC is not to be used.
+    start: Option<(u64, Instant)>,
+}
+
+impl Calibration {
+    /// The calibrated clock, once at least `window` has passed since the start (it sleeps for
+    /// what is left, if anything); the `Instant` clock if the TSC is not invariant or did not
+    /// move sanely.
+    pub fn finish(self, window: Duration) -> Clock {
+        let Some((t0, i0)) = self.start else {
+            return Clock::monotonic();
+        };
+        let left = window.saturating_sub(i0.elapsed());
+        if !left.is_zero() {
+            std::thread::sleep(left);
+        }
+        Clock::tsc_between(t0, i0).unwrap_or_else(Clock::monotonic)
+    }
+}
+
 impl Clock {
     /// The TSC clock if the TSC is invariant and calibrates sanely, else the `Instant` clock.
     /// Takes about [`CALIBRATION_WINDOW`].
@@ -166,13 +194,29 @@ impl Clock {
         Self::monotonic()
     }
 
-    /// The process-wide clock, calibrated on first use over a 0.5 ms window (it sits on a VM's
-    /// start-up path: bhyve starts it on a thread of its own at process start, and the VM's
+    /// The process-wide clock, calibrated on first use over a [`GLOBAL_WINDOW`] (it sits on a
+    /// VM's start-up path: bhyve starts it on a thread of its own at process start, and the VM's
     /// threads wait for it if it is not done; with a bracket of ~50 ns the tick rate is good to
     /// about 1e-4, far below the histograms' 1/16 bucket error).
     pub fn global() -> &'static Clock {
-        static GLOBAL: OnceLock<Clock> = OnceLock::new();
-        GLOBAL.get_or_init(|| Clock::with_window(Duration::from_micros(500)))
+        GLOBAL.get_or_init(|| Clock::with_window(GLOBAL_WINDOW))
+    }
+
+    /// As [`Clock::global`], but if it is not set yet, set it from `calibration` (started
+    /// earlier with [`Clock::start_calibration`], so other work overlapped its window).
+    pub fn global_from(calibration: Calibration) -> &'static Clock {
+        GLOBAL.get_or_init(|| calibration.finish(GLOBAL_WINDOW))
+    }
+
+    /// Starts a calibration whose window runs while the caller does other work; finish it with
+    /// [`Calibration::finish`], which waits only for what is left of the window.
+    pub fn start_calibration() -> Calibration {
+        Calibration {
+            start: (cfg!(target_arch = "x86_64") && tsc_is_invariant()).then(|| {
+                let (t, i, _) = bracket();
+                (t, i)
+            }),
+        }
     }
 
     /// The `Instant` clock (one tick per nanosecond), whatever the CPU offers.
@@ -194,6 +238,11 @@ impl Clock {
         }
         let (t0, i0, _) = bracket();
         std::thread::sleep(window);
+        Self::tsc_between(t0, i0)
+    }
+
+    /// The TSC clock from a bracket taken at (`t0`, `i0`) and one taken now.
+    fn tsc_between(t0: u64, i0: Instant) -> Option<Self> {
         let (t1, i1, _) = bracket();
         let ticks = t1.checked_sub(t0)?;
         let ns = saturating_nanos(i1.duration_since(i0));
@@ -348,8 +397,20 @@ mod tests {
 
     #[test]
     fn ticks_track_instant() {
+        // A calibration whose window other work overlapped (here a busy loop longer than the
+        // window: `finish` then takes the second bracket at once).
+        let overlapped = {
+            let c = Clock::start_calibration();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(25) {
+                std::hint::spin_loop();
+            }
+            c.finish(Duration::from_millis(20))
+        };
         for clock in [
             Clock::with_window(Duration::from_millis(20)),
+            Clock::start_calibration().finish(Duration::from_millis(20)),
+            overlapped,
             Clock::monotonic(),
         ] {
             // Bracket each clock read between two Instants, so a preemption next to a read
@@ -371,6 +432,21 @@ mod tests {
                 clock.source()
             );
         }
+    }
+
+    #[test]
+    fn a_calibration_waits_only_for_what_is_left_of_its_window() {
+        let c = Clock::start_calibration();
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let clock = c.finish(Duration::from_millis(250));
+        // The window had passed: no sleep (sleeping the window again would take 250 ms).
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(clock.source(), Clock::new().source());
     }
 
     #[test]

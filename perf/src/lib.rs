@@ -36,7 +36,7 @@ pub mod rate;
 pub mod set;
 pub mod trace;
 
-pub use clock::{tsc_is_invariant, Clock, ClockSource};
+pub use clock::{tsc_is_invariant, Calibration, Clock, ClockSource};
 pub use export::{
     chrome_trace_json, format_ns, histogram_json, histogram_rows_text, histograms_json,
     histograms_text, stats_json, stats_text, write_chrome_trace, TraceMeta,
