@@ -439,9 +439,12 @@ impl<H: Hypervisor> std::fmt::Debug for Machine<H> {
     }
 }
 
-/// Number of host CPUs.
+/// Number of host CPUs, asked once per process (`available_parallelism` reads the cgroup's CPU
+/// quota files each time: a dozen system calls, ~20 µs, and both the module's load and every VM's
+/// start ask).
 pub fn host_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 impl<H: Hypervisor> Machine<H>
