@@ -566,7 +566,11 @@ impl<T: Record> Ring<T> {
 
     /// As [`Ring::format`]; `zero` false leaves the slots as they are, for a region known to be
     /// all zero already (fresh anonymous pages), so they are touched only once records use them.
-    fn format_with(region: Region, capacity: u32, zero: bool) -> Result<Self, AttachError> {
+    pub(crate) fn format_with(
+        region: Region,
+        capacity: u32,
+        zero: bool,
+    ) -> Result<Self, AttachError> {
         let needed = Self::required_size(capacity)?;
         check_region(&region, needed, Self::ALIGN)?;
         let header = region.base().cast::<RingHeader>();

@@ -175,6 +175,30 @@ impl RingSet {
         exit_capacity: u32,
         completion_capacity: u32,
     ) -> Result<Self, AttachError> {
+        Self::format_with(region, cpus, exit_capacity, completion_capacity, true)
+    }
+
+    /// As [`RingSet::format`], for a region that is all zero already (a fresh
+    /// [`crate::SharedRegion`]): the slots are not written, so their pages are allocated only
+    /// as records use them (a 1-vCPU set: ~100 KiB of which a short-lived VM touches a few).
+    /// Leaving old contents in the slots would break nothing (a slot is read only after it is
+    /// written), but a peer could see them, so use it only on fresh memory.
+    pub fn format_zeroed(
+        region: Region,
+        cpus: u32,
+        exit_capacity: u32,
+        completion_capacity: u32,
+    ) -> Result<Self, AttachError> {
+        Self::format_with(region, cpus, exit_capacity, completion_capacity, false)
+    }
+
+    fn format_with(
+        region: Region,
+        cpus: u32,
+        exit_capacity: u32,
+        completion_capacity: u32,
+        zero: bool,
+    ) -> Result<Self, AttachError> {
         let geometry = Geometry::new(cpus, exit_capacity, completion_capacity)?;
         check(&region, geometry.total)?;
         let set = Self {
@@ -201,8 +225,12 @@ impl RingSet {
                 }));
         }
         for cpu in 0..cpus {
-            Ring::<ExitRecord>::format(set.exit_region(cpu)?, exit_capacity)?;
-            Ring::<CompletionRecord>::format(set.completion_region(cpu)?, completion_capacity)?;
+            Ring::<ExitRecord>::format_with(set.exit_region(cpu)?, exit_capacity, zero)?;
+            Ring::<CompletionRecord>::format_with(
+                set.completion_region(cpu)?,
+                completion_capacity,
+                zero,
+            )?;
         }
         set.header().magic.store(RINGSET_MAGIC, Ordering::Release);
         Ok(set)

@@ -209,3 +209,49 @@ fn the_mapping_outlives_the_region_value_while_handles_live() {
         Err(pipeline::RingError::Timeout)
     ));
 }
+
+/// Pages of `shm` that are resident (allocated), by `mincore`.
+fn resident_pages(shm: &SharedRegion) -> usize {
+    let page = 4096;
+    let pages = shm.len().div_ceil(page);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the mapping is live, page-aligned (mmap) and `shm.len()` long; `vec` holds one
+    // byte per page.
+    let rc = unsafe { libc::mincore(shm.region().as_ptr().cast(), shm.len(), vec.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[test]
+fn a_fresh_set_formatted_zeroed_allocates_slot_pages_only_as_records_use_them() {
+    let (cpus, exits, completions) = (2, 1024, 1024);
+    let len = RingSet::required_size(cpus, exits, completions).unwrap();
+    let shm = SharedRegion::create(len).unwrap();
+    assert_eq!(resident_pages(&shm), 0, "a fresh region is not populated");
+    let set = RingSet::format_zeroed(shm.region(), cpus, exits, completions).unwrap();
+    let total = len.div_ceil(4096);
+    let after_format = resident_pages(&shm);
+    // The set header and one header page per ring; not the slots.
+    assert!(
+        after_format <= 1 + 2 * cpus as usize * 2,
+        "{after_format} of {total} pages resident after format_zeroed"
+    );
+    // Fully usable, through a second mapping too.
+    let peer = SharedRegion::from_fd(shm.fd().try_clone_to_owned().unwrap()).unwrap();
+    let peer_set = RingSet::attach(peer.region()).unwrap();
+    let mut v = set.vcpu_side(1).unwrap();
+    let mut d = peer_set.device_side(1).unwrap();
+    for seq in 0..100 {
+        v.exits.try_push(read(seq, 1)).unwrap();
+        assert_eq!(d.exits.try_pop().unwrap(), Some(read(seq, 1)));
+    }
+    assert!(
+        resident_pages(&shm) > after_format,
+        "records touched slot pages"
+    );
+    assert!(resident_pages(&shm) < total);
+    // `format` (for reused memory) writes every slot.
+    let shm2 = SharedRegion::create(len).unwrap();
+    RingSet::format(shm2.region(), cpus, exits, completions).unwrap();
+    assert_eq!(resident_pages(&shm2), total);
+}

@@ -595,7 +595,8 @@ where
         let size = RingSet::required_size(self.ncpus, cfg.ring_capacity, cfg.ring_capacity)
             .map_err(|e| ring_err(&e))?;
         let shm = SharedRegion::create(size).map_err(|e| ring_err(&e))?;
-        let rings = RingSet::format(
+        // Fresh memfd pages are zero: only the headers are written now.
+        let rings = RingSet::format_zeroed(
             shm.region(),
             self.ncpus,
             cfg.ring_capacity,
