@@ -12,7 +12,7 @@
 #                extracted (not installed); the host's QEMU if that fails (a NOTE says so)
 #   build        our bhyve, statically linked (L1 has no libc):
 #                RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=target/static
-#                cargo build --release --target x86_64-unknown-linux-gnu -p bhyve
+#                cargo build --profile dist --target x86_64-unknown-linux-gnu -p bhyve
 #                (--bhyve PATH: use that binary instead, no build)
 #   rig          rig/run.sh --bhyve: bzImage with 1 and 2 vCPUs, quiet and not, power-off
 #                (status 1) and reboot (status 0), the ELF vmlinux through PVH, the guest's
@@ -133,9 +133,9 @@ host_tools() {
 # matters is checked.
 build() {
     RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=$target \
-        cargo build --release --target x86_64-unknown-linux-gnu -p bhyve ||
+        cargo build --profile dist --target x86_64-unknown-linux-gnu -p bhyve ||
         { echo "run-ci: cargo build failed"; return 1; }
-    local bin=$target/x86_64-unknown-linux-gnu/release/bhyve
+    local bin=$target/x86_64-unknown-linux-gnu/dist/bhyve
     [[ -x $bin ]] || { echo "run-ci: the build left no $bin"; return 1; }
     if command -v file >/dev/null; then file -L "$bin"; fi
 }
@@ -231,8 +231,8 @@ elif [[ $failed == host-tools ]]; then
     skip build "host tools missing"
 elif step build build; then
     case $target in
-        /*) bhyve=$target/x86_64-unknown-linux-gnu/release/bhyve ;;
-        *) bhyve=$repo/$target/x86_64-unknown-linux-gnu/release/bhyve ;;
+        /*) bhyve=$target/x86_64-unknown-linux-gnu/dist/bhyve ;;
+        *) bhyve=$repo/$target/x86_64-unknown-linux-gnu/dist/bhyve ;;
     esac
 fi
 if [[ -z $bhyve || ! -x $bhyve ]]; then
