@@ -178,6 +178,43 @@ fn read_file(what: &'static str, p: &Path) -> Result<Vec<u8>, VmError> {
     Ok(bytes)
 }
 
+/// An initrd to load: a regular file is read straight into guest memory by the loader (a Debian
+/// initramfs is 30–60 MiB: reading it into a buffer first cost a second copy and as much memory
+/// of the monitor's own, at its peak); anything else (a pipe, `<(…)`) is read into memory first.
+enum Initrd {
+    File(std::fs::File, u64),
+    Bytes(Vec<u8>),
+}
+
+impl Initrd {
+    fn blob(&self) -> loader::Blob<'_> {
+        match self {
+            Initrd::File(file, len) => loader::Blob::File { file, len: *len },
+            Initrd::Bytes(b) => loader::Blob::Bytes(b),
+        }
+    }
+}
+
+fn open_initrd(p: &Path) -> Result<Initrd, VmError> {
+    let err = |source| VmError::Read {
+        what: "initrd",
+        path: p.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(p).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return read_file("initrd", p).map(Initrd::Bytes);
+    }
+    if meta.len() == 0 {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the file is empty",
+        )));
+    }
+    Ok(Initrd::File(file, meta.len()))
+}
+
 fn host_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = s
@@ -487,10 +524,10 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     let kernel = read_file("kernel", &cfg.kernel)?;
     phase("kernel read");
     let initrd = match &cfg.initrd {
-        Some(p) => Some(read_file("initrd", p)?),
+        Some(p) => Some(open_initrd(p)?),
         None => None,
     };
-    phase("initrd read");
+    phase("initrd opened");
     let hv = KvmHypervisor::open()?;
     phase("/dev/kvm opened");
     // kldload vmm: the module, embedded in this process (bhyve(8) on a host where vmm.ko is
@@ -518,7 +555,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         }
     }
     let mut boot = loader::BootConfig::new(cfg.memory, &cfg.cmdline);
-    boot.initrd = initrd.as_deref();
+    boot.initrd = initrd.as_ref().map(Initrd::blob);
     boot.ncpus = cfg.cpus;
     let layout = boot.layout().map_err(|e| VmError::Memory {
         asked: mib,
@@ -561,15 +598,23 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     .map_err(|source| match (&cfg.initrd, &initrd, &source) {
         (
             Some(p),
-            Some(bytes),
+            Some(initrd),
             loader::LoaderError::ModuleNoRoom { index: 0, .. }
             | loader::LoaderError::InitrdLargerThanRam { .. },
         ) => VmError::InitrdTooLarge {
             path: p.display().to_string(),
-            size_mib: (bytes.len() as u64).div_ceil(1 << 20),
+            size_mib: initrd.blob().len().div_ceil(1 << 20),
             mem_mib: mib,
             source,
         },
+        // Read straight from its file: a file that shrank, or failed, while it was read.
+        (Some(p), Some(_), loader::LoaderError::GuestWrite { what: "initrd", .. }) => {
+            VmError::Read {
+                what: "initrd",
+                path: p.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, source.to_string()),
+            }
+        }
         _ => VmError::Load {
             path: cfg.kernel.display().to_string(),
             source,

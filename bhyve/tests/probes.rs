@@ -167,3 +167,37 @@ fn pvh_probe_sees_a_correct_start_info() {
         assert_eq!(map(&l, "PVH mmap addr=", "addr"), expected_map(mem));
     }
 }
+
+/// A regular initrd file is read straight into guest memory (the tests above); one that is not a
+/// regular file — a pipe, as `-o boot.initrd=<(zcat …)` gives — is read into memory first, and
+/// the guest finds the same bytes.
+#[test]
+fn an_initrd_from_a_pipe_reaches_the_guest_too() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let d = dir();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bhyve"))
+        .args(["-m", "256M", "-l", "com1,stdio", "-o"])
+        .arg(format!(
+            "boot.kernel={}",
+            d.join("probe_linux.bzImage").display()
+        ))
+        .args(["-o", "boot.initrd=/dev/stdin", "-o", "boot.protocol=linux"])
+        .arg(format!("pipe-{}", std::process::id()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(INITRD).unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "the probe did not finish");
+    let l: Vec<String> = out.lines().map(str::to_string).collect();
+    let r = fields(&l, "LINUX ramdisk_image=");
+    assert_eq!(hex(&r["ramdisk_size"]), INITRD.len() as u64);
+    assert_eq!(hex(&r["first"]), FIRST8);
+}

@@ -43,22 +43,72 @@ use vm_memory::GuestMemory;
 /// Most vCPUs a boot configuration may ask for (x2APIC-free APIC IDs 0..=254).
 pub const MAX_CPUS: u32 = 254;
 
+/// Contents the loaders copy into guest memory without looking inside (an initrd, a module):
+/// bytes in memory, or a file read straight into guest memory, so a large initramfs is neither
+/// copied twice nor held in the monitor's own memory meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub enum Blob<'a> {
+    /// Bytes already in memory.
+    Bytes(&'a [u8]),
+    /// The first `len` bytes of `file`, from its current offset (a file just opened: its start).
+    /// A file shorter than `len` when it is read is an error ([`LoaderError::GuestWrite`]).
+    File {
+        /// The open file.
+        file: &'a std::fs::File,
+        /// Its length, as measured when it was opened.
+        len: u64,
+    },
+}
+
+impl Blob<'_> {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Blob::Bytes(b) => mem::len64(b),
+            Blob::File { len, .. } => *len,
+        }
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<'a> From<&'a [u8]> for Blob<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Blob::Bytes(b)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u8; N]> for Blob<'a> {
+    fn from(b: &'a [u8; N]) -> Self {
+        Blob::Bytes(b)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Blob<'a> {
+    fn from(b: &'a Vec<u8>) -> Self {
+        Blob::Bytes(b)
+    }
+}
+
 /// A multiboot or PVH module: its contents and its command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct BootModule<'a> {
     /// Module contents.
-    pub data: &'a [u8],
+    pub data: Blob<'a>,
     /// Module command line (the multiboot `string`, the PVH module `cmdline_paddr`).
     pub cmdline: &'a str,
 }
 
 /// What to boot with: command line, initrd/modules, memory size, CPU count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct BootConfig<'a> {
     /// Kernel command line (no NUL bytes).
     pub cmdline: &'a str,
     /// Initramfs. Linux: `ramdisk_image`; PVH and multiboot: module 0 (empty command line).
-    pub initrd: Option<&'a [u8]>,
+    pub initrd: Option<Blob<'a>>,
     /// Further modules (PVH and multiboot only; the Linux protocol refuses them).
     pub modules: &'a [BootModule<'a>],
     /// Guest RAM in bytes; the memory map is [`MemoryLayout::new`]`(mem_size)`.

@@ -14,7 +14,8 @@ use crate::layout::{
     MMIO_HOLE_END, PD_COUNT, ZERO_PAGE_ADDR,
 };
 use crate::mem::{
-    align_up, check_backed, cmdline_bytes, le_u16, len64, place_high, slice, write_bytes,
+    align_up, check_backed, cmdline_bytes, le_u16, len64, place_high, slice, write_blob,
+    write_bytes,
 };
 use crate::{BootConfig, ImageKind, LoadedKernel, LoaderError};
 
@@ -285,7 +286,7 @@ fn place_initrd(
     let Some(initrd) = cfg.initrd else {
         return Ok(None);
     };
-    let size = len64(initrd);
+    let size = initrd.len();
     let high = initrd_addr_max.saturating_add(1).min(layout.low_ram_end());
     let addr = place_high(&[size], kernel_end, high, layout.mem_size())?;
     Ok(addr.first().map(|&a| (a, size)))
@@ -301,7 +302,7 @@ fn write_common<M: GuestMemory + ?Sized>(
     initrd: Option<(u64, u64)>,
 ) -> Result<(), LoaderError> {
     if let (Some(data), Some((addr, _))) = (cfg.initrd, initrd) {
-        write_bytes(mem, "initrd", addr, data)?;
+        write_blob(mem, "initrd", addr, data)?;
     }
     write_bytes(mem, "command line", CMDLINE_ADDR, cmdline)?;
 

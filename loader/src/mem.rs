@@ -54,6 +54,34 @@ pub(crate) fn write_bytes<M: GuestMemory + ?Sized>(
         })
 }
 
+/// Writes `blob` at `addr` (a file is read straight into guest memory), naming `what` on failure.
+pub(crate) fn write_blob<M: GuestMemory + ?Sized>(
+    mem: &M,
+    what: &'static str,
+    addr: u64,
+    blob: crate::Blob<'_>,
+) -> Result<(), LoaderError> {
+    match blob {
+        crate::Blob::Bytes(data) => write_bytes(mem, what, addr, data),
+        crate::Blob::File { file, len } => {
+            let err = |source| LoaderError::GuestWrite {
+                what,
+                addr,
+                len,
+                source,
+            };
+            let count = usize::try_from(len).map_err(|_| {
+                err(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                    GuestAddress(addr),
+                ))
+            })?;
+            let mut src = file;
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut src, count)
+                .map_err(err)
+        }
+    }
+}
+
 /// Zeroes `len` bytes at `addr` (guest memory may not be fresh).
 pub(crate) fn zero_bytes<M: GuestMemory + ?Sized>(
     mem: &M,

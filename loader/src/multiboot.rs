@@ -11,8 +11,8 @@ use crate::layout::{
     MODULE_STRINGS_ADDR, MODULE_STRINGS_SIZE,
 };
 use crate::mem::{
-    check_backed, check_segment, cmdline_bytes, le_u32, len64, place_low, slice, write_bytes,
-    zero_bytes, StringTable,
+    check_backed, check_segment, cmdline_bytes, le_u32, len64, place_low, slice, write_blob,
+    write_bytes, zero_bytes, StringTable,
 };
 use crate::{BootConfig, ImageKind, LoadedKernel, LoaderError};
 
@@ -244,7 +244,7 @@ pub fn load_multiboot<M: GuestMemory + ?Sized>(
             max: MB_MAX_MODULES,
         });
     }
-    let sizes: Vec<u64> = modules.iter().map(|m| len64(m.data)).collect();
+    let sizes: Vec<u64> = modules.iter().map(|m| m.data.len()).collect();
     let low = placement.end.max(HIGH_MEMORY_START);
     let addrs = place_low(&sizes, low, layout.low_ram_end(), layout.mem_size())?;
     let mut strings = StringTable::new(MODULE_STRINGS_ADDR, MODULE_STRINGS_SIZE);
@@ -303,7 +303,7 @@ pub fn load_multiboot<M: GuestMemory + ?Sized>(
         zero_bytes(mem, "a.out bss", addr + len64(data), mem_len - len64(data))?;
     }
     for (m, &addr) in modules.iter().zip(&addrs) {
-        write_bytes(mem, "module", addr, m.data)?;
+        write_blob(mem, "module", addr, m.data)?;
     }
     write_bytes(mem, "command line", CMDLINE_ADDR, &cmdline)?;
     strings.write(mem)?;

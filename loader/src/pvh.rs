@@ -12,7 +12,9 @@ use crate::layout::{
     CMDLINE_ADDR, CMDLINE_AREA_SIZE, MMIO_HOLE_END, MODULE_STRINGS_ADDR, MODULE_STRINGS_SIZE,
     PVH_MEMMAP_ADDR, PVH_MEMMAP_END, PVH_MODLIST_ADDR, PVH_MODLIST_END, PVH_START_INFO_ADDR,
 };
-use crate::mem::{check_backed, cmdline_bytes, len64, place_high, write_bytes, StringTable};
+use crate::mem::{
+    check_backed, cmdline_bytes, len64, place_high, write_blob, write_bytes, StringTable,
+};
 use crate::{BootConfig, ImageKind, LoadedKernel, LoaderError};
 
 /// Version of `hvm_start_info` written (1: has the memory map fields).
@@ -54,7 +56,7 @@ pub fn load_pvh<M: GuestMemory + ?Sized>(
             max: PVH_MAX_MODULES,
         });
     }
-    let sizes: Vec<u64> = modules.iter().map(|m| len64(m.data)).collect();
+    let sizes: Vec<u64> = modules.iter().map(|m| m.data.len()).collect();
     let addrs = place_high(&sizes, kernel_end, layout.low_ram_end(), layout.mem_size())?;
     let mut strings = StringTable::new(MODULE_STRINGS_ADDR, MODULE_STRINGS_SIZE);
     let mut modlist = Vec::with_capacity(modules.len());
@@ -66,7 +68,7 @@ pub fn load_pvh<M: GuestMemory + ?Sized>(
         };
         modlist.push(hvm_modlist_entry {
             paddr,
-            size: len64(m.data),
+            size: m.data.len(),
             cmdline_paddr,
             reserved: 0,
         });
@@ -85,7 +87,7 @@ pub fn load_pvh<M: GuestMemory + ?Sized>(
     // Everything is validated: write.
     elf.load(mem, &layout)?;
     for (m, &addr) in modules.iter().zip(&addrs) {
-        write_bytes(mem, "module", addr, m.data)?;
+        write_blob(mem, "module", addr, m.data)?;
     }
     write_bytes(mem, "command line", CMDLINE_ADDR, &cmdline)?;
     strings.write(mem)?;

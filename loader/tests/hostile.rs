@@ -207,7 +207,7 @@ fn absurd_header_values_are_refused() {
     // initrd_addr_max of 0: no room for any initrd.
     let initrd = [1u8; 16];
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         ..cfg()
     };
     let image = BzImage {
@@ -341,7 +341,7 @@ fn mutated_images_never_panic() {
     ];
     let initrd = [7u8; 100];
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         ..cfg()
     };
     let mut rng = Rng::new(42);

@@ -48,7 +48,7 @@ fn bzimage_zero_page_cmdline_initrd_e820() {
     let initrd = pattern(0x3123, 42);
     let cmdline = "console=ttyS0 root=/dev/vda panic=1";
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         rsdp_addr: Some(0xf_0000),
         ..BootConfig::new(64 * MIB, cmdline)
     };
@@ -149,7 +149,7 @@ fn initrd_stays_below_initrd_addr_max() {
     .build();
     let initrd = pattern(0x2000, 1);
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         ..BootConfig::new(64 * MIB, "")
     };
     let k = load_linux(&mem, &image, &cfg).unwrap();
@@ -288,7 +288,7 @@ fn large_ram_e820_continues_above_4_gib() {
     let mem = guest_mem(size);
     let initrd = pattern(0x1000, 2);
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         ..BootConfig::new(size, "")
     };
     let image = BzImage {
@@ -408,7 +408,7 @@ fn initrd_larger_than_ram_names_both_sizes() {
     let mem = guest_mem(16 * MIB);
     let initrd = vec![0u8; 17 * MIB as usize];
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         ..BootConfig::new(16 * MIB, "")
     };
     let err = load_linux(&mem, &BzImage::default().build(), &cfg).unwrap_err();
@@ -435,7 +435,7 @@ fn initrd_that_does_not_fit_above_kernel_is_refused() {
     .build();
     let initrd = vec![0u8; 15 * MIB as usize];
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         ..BootConfig::new(16 * MIB, "")
     };
     let err = load_linux(&mem, &image, &cfg).unwrap_err();
@@ -449,7 +449,7 @@ fn initrd_that_does_not_fit_above_kernel_is_refused() {
 fn modules_are_refused_by_the_linux_protocol() {
     let mem = guest_mem(16 * MIB);
     let m = [BootModule {
-        data: b"x",
+        data: b"x".into(),
         cmdline: "",
     }];
     let cfg = BootConfig {
@@ -525,4 +525,55 @@ fn vmlinux_outside_identity_map_or_entry_outside_is_refused() {
         matches!(err, LoaderError::EntryOutsideImage { entry: 0x200_0000 }),
         "{err:?}"
     );
+}
+
+/// An initrd given as a file is read straight into guest memory: the same placement and bytes as
+/// the same initrd given in memory; a file shorter than its announced length is an error naming
+/// the initrd, not a partly loaded guest.
+#[test]
+fn an_initrd_file_loads_like_its_bytes_and_a_short_one_is_refused() {
+    use std::io::Write;
+    let image = BzImage::default().build();
+    let initrd = pattern(0x5_4321, 7);
+    let path = std::env::temp_dir().join(format!("loader-initrd-{}", std::process::id()));
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&initrd)
+        .unwrap();
+
+    let from_bytes = guest_mem(64 * MIB);
+    let cfg = BootConfig {
+        initrd: Some((&initrd).into()),
+        ..BootConfig::new(64 * MIB, "")
+    };
+    let a = load_linux(&from_bytes, &image, &cfg).unwrap();
+
+    let from_file = guest_mem(64 * MIB);
+    let file = std::fs::File::open(&path).unwrap();
+    let len = file.metadata().unwrap().len();
+    let cfg = BootConfig {
+        initrd: Some(loader::Blob::File { file: &file, len }),
+        ..BootConfig::new(64 * MIB, "")
+    };
+    let b = load_linux(&from_file, &image, &cfg).unwrap();
+    assert_eq!(a.initrd, b.initrd);
+    let (addr, size) = b.initrd.unwrap();
+    assert_eq!(size, len);
+    assert_eq!(read_bytes(&from_file, addr, initrd.len()), initrd);
+
+    // Announced longer than the file is (it shrank after it was measured).
+    let file = std::fs::File::open(&path).unwrap();
+    let cfg = BootConfig {
+        initrd: Some(loader::Blob::File {
+            file: &file,
+            len: len + 4096,
+        }),
+        ..BootConfig::new(64 * MIB, "")
+    };
+    let e = load_linux(&guest_mem(64 * MIB), &image, &cfg).unwrap_err();
+    assert!(
+        matches!(e, LoaderError::GuestWrite { what: "initrd", .. }),
+        "{e:?}"
+    );
+    std::fs::remove_file(&path).unwrap();
 }

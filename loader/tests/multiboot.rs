@@ -66,11 +66,11 @@ fn elf32_kernel_info_structure_modules_mmap() {
     let b = pattern(0x10, 2);
     let mods = [
         BootModule {
-            data: &a,
+            data: (&a).into(),
             cmdline: "/boot/a.bin arg",
         },
         BootModule {
-            data: &b,
+            data: (&b).into(),
             cmdline: "",
         },
     ];
@@ -140,7 +140,7 @@ fn initrd_is_module_zero() {
     let mem = guest_mem(16 * MIB);
     let initrd = pattern(0x100, 3);
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         ..BootConfig::new(16 * MIB, "")
     };
     let k = load_multiboot(&mem, &mb_elf32(0).build(), &cfg).unwrap();
@@ -158,7 +158,7 @@ fn aout_kludge_loads_whole_file_with_bss() {
     assert_eq!(detect(&image), ImageKind::Multiboot);
     let module = pattern(0x10, 4);
     let mods = [BootModule {
-        data: &module,
+        data: (&module).into(),
         cmdline: "m",
     }];
     let cfg = BootConfig {
@@ -355,7 +355,7 @@ fn modules_that_do_not_fit_are_refused() {
     let mem = guest_mem(4 * MIB);
     let big = vec![0u8; 3 * MIB as usize];
     let mods = [BootModule {
-        data: &big,
+        data: (&big).into(),
         cmdline: "",
     }];
     let cfg = BootConfig {
@@ -369,7 +369,7 @@ fn modules_that_do_not_fit_are_refused() {
     );
     let huge = vec![0u8; 5 * MIB as usize];
     let mods = [BootModule {
-        data: &huge,
+        data: (&huge).into(),
         cmdline: "",
     }];
     let cfg = BootConfig {

@@ -48,11 +48,11 @@ fn elf64_pvh_start_info_modules_memmap() {
     let initrd = pattern(0x2345, 6);
     let module = pattern(0x100, 8);
     let mods = [BootModule {
-        data: &module,
+        data: (&module).into(),
         cmdline: "mod1 arg=2",
     }];
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         modules: &mods,
         rsdp_addr: Some(0xe_0000),
         ..BootConfig::new(64 * MIB, "console=hvc0")
@@ -312,7 +312,7 @@ fn too_many_modules_or_strings_are_refused() {
     let data = [1u8; 8];
     let mods: Vec<BootModule> = (0..200)
         .map(|_| BootModule {
-            data: &data,
+            data: (&data).into(),
             cmdline: "",
         })
         .collect();
@@ -328,7 +328,7 @@ fn too_many_modules_or_strings_are_refused() {
 
     let long = "s".repeat(0x1_0000);
     let mods = [BootModule {
-        data: &data,
+        data: (&data).into(),
         cmdline: &long,
     }];
     let cfg = BootConfig {

@@ -30,7 +30,7 @@ fn debian_bzimage_with_initramfs() {
     let ram = 256 * MIB;
     let mem = guest_mem(ram);
     let cfg = BootConfig {
-        initrd: Some(&initrd),
+        initrd: Some((&initrd).into()),
         ..BootConfig::new(ram, "console=ttyS0 panic=-1")
     };
     let k = load_linux(&mem, &kernel, &cfg).unwrap();
