@@ -50,8 +50,8 @@ pub const MAX_CPUS: u32 = 254;
 pub enum Blob<'a> {
     /// Bytes already in memory.
     Bytes(&'a [u8]),
-    /// The first `len` bytes of `file`, from its current offset (a file just opened: its start).
-    /// A file shorter than `len` when it is read is an error ([`LoaderError::GuestWrite`]).
+    /// The first `len` bytes of `file` (read from its start, whatever its offset). A file
+    /// shorter than `len` when it is read is an error ([`LoaderError::GuestWrite`]).
     File {
         /// The open file.
         file: &'a std::fs::File,

@@ -75,7 +75,10 @@ pub(crate) fn write_blob<M: GuestMemory + ?Sized>(
                     GuestAddress(addr),
                 ))
             })?;
+            // From the start, whatever an earlier load left the offset at.
             let mut src = file;
+            std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))
+                .map_err(|e| err(vm_memory::GuestMemoryError::IOError(e)))?;
             mem.read_exact_volatile_from(GuestAddress(addr), &mut src, count)
                 .map_err(err)
         }

@@ -557,6 +557,13 @@ fn an_initrd_file_loads_like_its_bytes_and_a_short_one_is_refused() {
     };
     let b = load_linux(&from_file, &image, &cfg).unwrap();
     assert_eq!(a.initrd, b.initrd);
+    // The same blob loads again (from the file's start, not where the first load left it).
+    let again = guest_mem(64 * MIB);
+    let c = load_linux(&again, &image, &cfg).unwrap();
+    assert_eq!(
+        read_bytes(&again, c.initrd.unwrap().0, initrd.len()),
+        initrd
+    );
     let (addr, size) = b.initrd.unwrap();
     assert_eq!(size, len);
     assert_eq!(read_bytes(&from_file, addr, initrd.len()), initrd);
