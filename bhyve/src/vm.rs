@@ -621,6 +621,10 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         },
     })?;
     let entry = EntryRegs::from(&loaded.entry);
+    // The images are in guest memory now: give their buffers back rather than hold them for the
+    // VM's whole life (a 14 MB bzImage, or an initrd read from a pipe, was resident until exit).
+    drop(kernel);
+    drop(initrd);
     phase("memory mapped, kernel loaded");
 
     let requests = Arc::new(VmRequests::new());

@@ -369,3 +369,56 @@ fn an_idle_vm_wakes_the_host_rarely_and_stops_on_sigterm() {
     );
     assert_eq!(out.status.code(), Some(4), "stopped by signal is status 4");
 }
+
+/// The monitor does not keep the images it loaded: once they are in guest memory their buffers go
+/// back, so a running VM's resident set does not carry its kernel image (a 14 MB bzImage was
+/// resident for the VM's whole life, and before initrds were read straight into guest memory, the
+/// initrd too). The `halt` guest padded with 24 MiB past its ELF contents (the loader copies only
+/// its segments), sitting idle with halt detection off.
+#[test]
+fn a_running_vm_does_not_hold_its_kernel_image() {
+    use std::io::{BufRead, BufReader, Write};
+    require_kvm();
+    let dir = guest_dir();
+    let padded = dir.join(format!("halt-padded-{}.elf", std::process::id()));
+    let mut image = std::fs::read(dir.join("halt.elf")).unwrap();
+    image.extend((0..24u32 << 20).map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[3]));
+    std::fs::File::create(&padded)
+        .unwrap()
+        .write_all(&image)
+        .unwrap();
+    let tunables = dir.join("rss.tunables");
+    std::fs::write(&tunables, "hw.vmm.halt_detection=\"0\"\n").unwrap();
+    let mut child = Command::new(bhyve())
+        .args(["-l", "com1,stdio", "-o"])
+        .arg(format!("boot.kernel={}", padded.display()))
+        .arg("-o")
+        .arg(format!("vmm.tunables={}", tunables.display()))
+        .arg(vm_name("rss"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // The guest is running (so loading is over) once it has printed its line.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let halted = lines.any(|l| l.is_ok_and(|l| l.contains("halting with interrupts off")));
+    let rss = rss_kib(pid);
+    let pid_t = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid_t, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    std::fs::remove_file(&padded).unwrap();
+    assert!(halted, "the guest did not reach its halt");
+    println!(
+        "resident while running: {rss} KiB (image {} KiB)",
+        image.len() >> 10
+    );
+    assert!(
+        rss < 16 << 10,
+        "{rss} KiB resident while running: the {} KiB image is still held",
+        image.len() >> 10
+    );
+    assert_eq!(status.code(), Some(4), "stopped by signal is status 4");
+}
