@@ -160,12 +160,35 @@ fn install_signal_handlers() {
     }
 }
 
-fn read_file(what: &'static str, p: &Path) -> Result<Vec<u8>, VmError> {
-    let bytes = std::fs::read(p).map_err(|source| VmError::Read {
+/// Reads `p` whole. Something that is not a regular file (a pipe, a device) is refused once it
+/// passes `limit` bytes (guest memory), without reading further: `-o boot.kernel=/dev/zero` is an
+/// error, not a monitor that grows until the host runs out of memory. A regular file is read at
+/// its size whatever it is (an unstripped ELF vmlinux may be far larger than what it loads).
+fn read_file(what: &'static str, p: &Path, limit: u64) -> Result<Vec<u8>, VmError> {
+    use std::io::Read;
+    let err = |source| VmError::Read {
         what,
         path: p.display().to_string(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(p).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    let limit = if meta.is_file() { u64::MAX - 1 } else { limit };
+    let mut bytes = Vec::new();
+    if meta.is_file() {
+        bytes
+            .try_reserve_exact(usize::try_from(meta.len()).unwrap_or(usize::MAX))
+            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e)))?;
+    }
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(err)?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > limit {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it is larger than the {} MiB of guest memory", limit >> 20),
+        )));
+    }
     // An empty kernel or initrd is a mistake (a truncated download, a file being rewritten), not
     // "none": say so rather than boot a guest that finds nothing where it was promised something.
     if bytes.is_empty() {
@@ -195,7 +218,7 @@ impl Initrd {
     }
 }
 
-fn open_initrd(p: &Path) -> Result<Initrd, VmError> {
+fn open_initrd(p: &Path, limit: u64) -> Result<Initrd, VmError> {
     let err = |source| VmError::Read {
         what: "initrd",
         path: p.display().to_string(),
@@ -204,7 +227,7 @@ fn open_initrd(p: &Path) -> Result<Initrd, VmError> {
     let file = std::fs::File::open(p).map_err(err)?;
     let meta = file.metadata().map_err(err)?;
     if !meta.is_file() {
-        return read_file("initrd", p).map(Initrd::Bytes);
+        return read_file("initrd", p, limit).map(Initrd::Bytes);
     }
     if meta.len() == 0 {
         return Err(err(std::io::Error::new(
@@ -521,10 +544,10 @@ fn add_absent(devices: &mut Devices, com2: bool) -> Result<(), VmError> {
 pub fn run(cfg: &Config) -> Result<i32, VmError> {
     since_start_ns();
     install_signal_handlers();
-    let kernel = read_file("kernel", &cfg.kernel)?;
+    let kernel = read_file("kernel", &cfg.kernel, cfg.memory)?;
     phase("kernel read");
     let initrd = match &cfg.initrd {
-        Some(p) => Some(open_initrd(p)?),
+        Some(p) => Some(open_initrd(p, cfg.memory)?),
         None => None,
     };
     phase("initrd opened");

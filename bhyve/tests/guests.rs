@@ -264,6 +264,26 @@ fn bad_input_is_status_4_with_a_message_naming_it() {
         e.contains("Cannot load initrd") && e.contains("big.initrd") && e.contains("8 MiB"),
         "{e}"
     );
+    // Endless sources are refused once they pass guest memory's size, not read until the host
+    // runs out of memory.
+    let e = bad(&["-m", "16M", "-o", "boot.kernel=/dev/zero", "x"]);
+    assert!(
+        e.contains("kernel /dev/zero") && e.contains("larger than the 16 MiB"),
+        "{e}"
+    );
+    let e = bad(&[
+        "-m",
+        "16M",
+        "-o",
+        &hello,
+        "-o",
+        "boot.initrd=/dev/zero",
+        "x",
+    ]);
+    assert!(
+        e.contains("initrd /dev/zero") && e.contains("larger than the 16 MiB"),
+        "{e}"
+    );
 }
 
 #[test]
