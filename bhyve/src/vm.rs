@@ -635,7 +635,13 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
             VmError::Read {
                 what: "initrd",
                 path: p.display().to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, source.to_string()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    match std::error::Error::source(&source) {
+                        Some(why) => format!("{source}: {why}"),
+                        None => source.to_string(),
+                    },
+                ),
             }
         }
         _ => VmError::Load {
