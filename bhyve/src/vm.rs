@@ -160,82 +160,82 @@ fn install_signal_handlers() {
     }
 }
 
-/// Reads `p` whole. Something that is not a regular file (a pipe, a device) is refused once it
-/// passes `limit` bytes (guest memory), without reading further: `-o boot.kernel=/dev/zero` is an
-/// error, not a monitor that grows until the host runs out of memory. A regular file is read at
-/// its size whatever it is (an unstripped ELF vmlinux may be far larger than what it loads).
-fn read_file(what: &'static str, p: &Path, limit: u64) -> Result<Vec<u8>, VmError> {
-    use std::io::Read;
-    let err = |source| VmError::Read {
-        what,
-        path: p.display().to_string(),
-        source,
-    };
-    let file = std::fs::File::open(p).map_err(err)?;
-    let meta = file.metadata().map_err(err)?;
-    let limit = if meta.is_file() { u64::MAX - 1 } else { limit };
-    let mut bytes = Vec::new();
-    if meta.is_file() {
-        bytes
-            .try_reserve_exact(usize::try_from(meta.len()).unwrap_or(usize::MAX))
-            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e)))?;
-    }
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(err)?;
-    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > limit {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("it is larger than the {} MiB of guest memory", limit >> 20),
-        )));
-    }
-    // An empty kernel or initrd is a mistake (a truncated download, a file being rewritten), not
-    // "none": say so rather than boot a guest that finds nothing where it was promised something.
-    if bytes.is_empty() {
-        return Err(VmError::Read {
-            what,
-            path: p.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty"),
-        });
-    }
-    Ok(bytes)
-}
-
-/// An initrd to load: a regular file is read straight into guest memory by the loader (a Debian
-/// initramfs is 30–60 MiB: reading it into a buffer first cost a second copy and as much memory
-/// of the monitor's own, at its peak); anything else (a pipe, `<(…)`) is read into memory first.
-enum Initrd {
+/// A kernel or initrd named on the command line, opened. A regular file is measured, not read:
+/// an initrd is read by the loader straight into guest memory (a Debian initramfs is 30–60 MiB:
+/// reading it into a buffer first cost a second copy and as much memory of the monitor's own, at
+/// its peak). Anything else (a pipe, `<(…)`, a device) is read into memory at once, and refused
+/// once it passes `limit` bytes (guest memory) without reading further: `-o boot.kernel=/dev/zero`
+/// is an error, not a monitor that grows until the host runs out of memory. A regular file has no
+/// such bound (an unstripped ELF vmlinux may be far larger than what it loads).
+enum Image {
     File(std::fs::File, u64),
     Bytes(Vec<u8>),
 }
 
-impl Initrd {
+impl Image {
+    fn open(what: &'static str, p: &Path, limit: u64) -> Result<Self, VmError> {
+        use std::io::Read;
+        let err = |source| read_error(what, p, source);
+        let file = std::fs::File::open(p).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let image = if meta.is_file() {
+            Image::File(file, meta.len())
+        } else {
+            let mut bytes = Vec::new();
+            file.take(limit.saturating_add(1))
+                .read_to_end(&mut bytes)
+                .map_err(err)?;
+            if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > limit {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("it is larger than the {} MiB of guest memory", limit >> 20),
+                )));
+            }
+            Image::Bytes(bytes)
+        };
+        // An empty kernel or initrd is a mistake (a truncated download, a file being rewritten),
+        // not "none": say so rather than boot a guest that finds nothing where it was promised
+        // something.
+        if image.blob().is_empty() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the file is empty",
+            )));
+        }
+        Ok(image)
+    }
+
     fn blob(&self) -> loader::Blob<'_> {
         match self {
-            Initrd::File(file, len) => loader::Blob::File { file, len: *len },
-            Initrd::Bytes(b) => loader::Blob::Bytes(b),
+            Image::File(file, len) => loader::Blob::File { file, len: *len },
+            Image::Bytes(b) => loader::Blob::Bytes(b),
+        }
+    }
+
+    /// The whole contents (the loaders parse a kernel from its bytes).
+    fn into_bytes(self, what: &'static str, p: &Path) -> Result<Vec<u8>, VmError> {
+        use std::io::Read;
+        let err = |source| read_error(what, p, source);
+        match self {
+            Image::Bytes(b) => Ok(b),
+            Image::File(mut file, len) => {
+                let mut bytes = Vec::new();
+                bytes
+                    .try_reserve_exact(usize::try_from(len).unwrap_or(usize::MAX))
+                    .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e)))?;
+                file.read_to_end(&mut bytes).map_err(err)?;
+                Ok(bytes)
+            }
         }
     }
 }
 
-fn open_initrd(p: &Path, limit: u64) -> Result<Initrd, VmError> {
-    let err = |source| VmError::Read {
-        what: "initrd",
+fn read_error(what: &'static str, p: &Path, source: std::io::Error) -> VmError {
+    VmError::Read {
+        what,
         path: p.display().to_string(),
         source,
-    };
-    let file = std::fs::File::open(p).map_err(err)?;
-    let meta = file.metadata().map_err(err)?;
-    if !meta.is_file() {
-        return read_file("initrd", p, limit).map(Initrd::Bytes);
     }
-    if meta.len() == 0 {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "the file is empty",
-        )));
-    }
-    Ok(Initrd::File(file, meta.len()))
 }
 
 fn host_memory() -> Option<u64> {
@@ -544,10 +544,11 @@ fn add_absent(devices: &mut Devices, com2: bool) -> Result<(), VmError> {
 pub fn run(cfg: &Config) -> Result<i32, VmError> {
     since_start_ns();
     install_signal_handlers();
-    let kernel = read_file("kernel", &cfg.kernel, cfg.memory)?;
+    let kernel =
+        Image::open("kernel", &cfg.kernel, cfg.memory)?.into_bytes("kernel", &cfg.kernel)?;
     phase("kernel read");
     let initrd = match &cfg.initrd {
-        Some(p) => Some(open_initrd(p, cfg.memory)?),
+        Some(p) => Some(Image::open("initrd", p, cfg.memory)?),
         None => None,
     };
     phase("initrd opened");
@@ -578,7 +579,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         }
     }
     let mut boot = loader::BootConfig::new(cfg.memory, &cfg.cmdline);
-    boot.initrd = initrd.as_ref().map(Initrd::blob);
+    boot.initrd = initrd.as_ref().map(Image::blob);
     boot.ncpus = cfg.cpus;
     let layout = boot.layout().map_err(|e| VmError::Memory {
         asked: mib,

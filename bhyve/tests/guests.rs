@@ -316,6 +316,30 @@ fn halting_with_interrupts_off_ends_with_status_2() {
     assert_eq!(o.status.code(), Some(2), "bhyve's halt status");
 }
 
+/// `kernel` (the `halt` guest, or one built from it) under `bhyve` with halt detection off, so
+/// the VM sits idle once the guest has halted; stdout and stderr piped.
+fn spawn_idle(kernel: &Path, name: &str) -> std::process::Child {
+    let tunables = guest_dir().join(format!("{name}.tunables"));
+    std::fs::write(&tunables, "hw.vmm.halt_detection=\"0\"\n").unwrap();
+    Command::new(bhyve())
+        .args(["-l", "com1,stdio", "-o"])
+        .arg(format!("boot.kernel={}", kernel.display()))
+        .arg("-o")
+        .arg(format!("vmm.tunables={}", tunables.display()))
+        .arg(vm_name(name))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn sigterm(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) on the PID of a child the caller spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
 /// Voluntary context switches of every thread of process `pid`, by thread name.
 fn wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
@@ -345,29 +369,14 @@ fn wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
 #[test]
 fn an_idle_vm_wakes_the_host_rarely_and_stops_on_sigterm() {
     require_kvm();
-    let dir = guest_dir();
-    let tunables = dir.join("idle.tunables");
-    std::fs::write(&tunables, "hw.vmm.halt_detection=\"0\"\n").unwrap();
-    let child = Command::new(bhyve())
-        .args(["-l", "com1,stdio", "-o"])
-        .arg(format!("boot.kernel={}", dir.join("halt.elf").display()))
-        .arg("-o")
-        .arg(format!("vmm.tunables={}", tunables.display()))
-        .arg(vm_name("idle"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_idle(&guest_dir().join("halt.elf"), "idle");
     let pid = child.id();
-    let pid_t = libc::pid_t::try_from(pid).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let before = wakeups(pid);
     let window = Duration::from_secs(3);
     std::thread::sleep(window);
     let after = wakeups(pid);
-    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
-    assert_eq!(unsafe { libc::kill(pid_t, libc::SIGTERM) }, 0);
+    sigterm(pid);
     let out = child.wait_with_output().unwrap();
     let per_second: Vec<(String, f64)> = after
         .iter()
@@ -407,28 +416,14 @@ fn a_running_vm_does_not_hold_its_kernel_image() {
         .unwrap()
         .write_all(&image)
         .unwrap();
-    let tunables = dir.join("rss.tunables");
-    std::fs::write(&tunables, "hw.vmm.halt_detection=\"0\"\n").unwrap();
-    let mut child = Command::new(bhyve())
-        .args(["-l", "com1,stdio", "-o"])
-        .arg(format!("boot.kernel={}", padded.display()))
-        .arg("-o")
-        .arg(format!("vmm.tunables={}", tunables.display()))
-        .arg(vm_name("rss"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_idle(&padded, "rss");
     let pid = child.id();
     // The guest is running (so loading is over) once it has printed its line.
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let halted = lines.any(|l| l.is_ok_and(|l| l.contains("halting with interrupts off")));
     let rss = rss_kib(pid);
-    let pid_t = libc::pid_t::try_from(pid).unwrap();
-    // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
-    assert_eq!(unsafe { libc::kill(pid_t, libc::SIGTERM) }, 0);
-    let status = child.wait().unwrap();
+    sigterm(pid);
+    let status = child.wait_with_output().unwrap().status;
     std::fs::remove_file(&padded).unwrap();
     assert!(halted, "the guest did not reach its halt");
     println!(

@@ -186,12 +186,7 @@ impl Clock {
 
     /// As [`Clock::new`], with a calibration window of `window` (longer is more precise).
     pub fn with_window(window: Duration) -> Self {
-        if tsc_is_invariant() {
-            if let Some(c) = Self::calibrate_tsc(window) {
-                return c;
-            }
-        }
-        Self::monotonic()
+        Self::start_calibration().finish(window)
     }
 
     /// The process-wide clock, calibrated on first use over a [`GLOBAL_WINDOW`] (it sits on a
