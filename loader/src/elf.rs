@@ -8,8 +8,11 @@
 use vm_memory::GuestMemory;
 
 use crate::layout::MemoryLayout;
-use crate::mem::{check_segment, le_u16, le_u32, le_u64, len64, slice, write_bytes, zero_bytes};
-use crate::LoaderError;
+use crate::mem::{
+    check_segment, image_prefix, le_u16, le_u32, le_u64, read_image, slice, write_blob_range,
+    zero_bytes,
+};
+use crate::{Blob, LoaderError};
 
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
@@ -37,10 +40,14 @@ pub(crate) struct ProgramHeader {
     pub memsz: u64,
 }
 
+/// Largest note segment read (the PVH note is searched for in each): a kernel's notes take a few
+/// hundred bytes, and an image is read from its file a header at a time, never whole.
+pub(crate) const MAX_NOTE_SEGMENT: u64 = 1 << 20;
+
 /// A parsed, validated ELF executable.
 #[derive(Debug)]
 pub(crate) struct ElfImage<'a> {
-    image: &'a [u8],
+    image: Blob<'a>,
     pub class: ElfClass,
     pub entry: u64,
     pub phdrs: Vec<ProgramHeader>,
@@ -52,14 +59,17 @@ pub(crate) fn has_elf_magic(image: &[u8]) -> bool {
 }
 
 impl<'a> ElfImage<'a> {
-    /// Parses and validates the ELF header and program headers.
-    pub fn parse(image: &'a [u8]) -> Result<Self, LoaderError> {
-        let len = len64(image);
-        if !has_elf_magic(image) {
+    /// Parses and validates the ELF header and program headers (read from the image; its
+    /// segments are read only by [`ElfImage::load`]).
+    pub fn parse(image: Blob<'a>) -> Result<Self, LoaderError> {
+        let len = image.len();
+        let head = image_prefix(image, 64)?;
+        let head = &head[..];
+        if !has_elf_magic(head) {
             return Err(LoaderError::NotElf);
         }
         let truncated = |what, need| LoaderError::ElfTruncated { what, need, len };
-        let ident = slice(image, 0, 16).ok_or(truncated("e_ident", 16))?;
+        let ident = slice(head, 0, 16).ok_or(truncated("e_ident", 16))?;
         let class = match ident[4] {
             1 => ElfClass::Elf32,
             2 => ElfClass::Elf64,
@@ -76,8 +86,8 @@ impl<'a> ElfImage<'a> {
             return Err(truncated("ELF header", ehsize));
         }
         // The header is in bounds, so the fixed-offset reads below cannot fail.
-        let e_type = le_u16(image, 16).unwrap_or(0);
-        let machine = le_u16(image, 18).unwrap_or(0);
+        let e_type = le_u16(head, 16).unwrap_or(0);
+        let machine = le_u16(head, 18).unwrap_or(0);
         if e_type != ET_EXEC {
             return Err(LoaderError::ElfType { e_type });
         }
@@ -93,16 +103,16 @@ impl<'a> ElfImage<'a> {
         }
         let (entry, phoff, phentsize, phnum) = match class {
             ElfClass::Elf32 => (
-                u64::from(le_u32(image, 24).unwrap_or(0)),
-                u64::from(le_u32(image, 28).unwrap_or(0)),
-                le_u16(image, 42).unwrap_or(0),
-                le_u16(image, 44).unwrap_or(0),
+                u64::from(le_u32(head, 24).unwrap_or(0)),
+                u64::from(le_u32(head, 28).unwrap_or(0)),
+                le_u16(head, 42).unwrap_or(0),
+                le_u16(head, 44).unwrap_or(0),
             ),
             ElfClass::Elf64 => (
-                le_u64(image, 24).unwrap_or(0),
-                le_u64(image, 32).unwrap_or(0),
-                le_u16(image, 54).unwrap_or(0),
-                le_u16(image, 56).unwrap_or(0),
+                le_u64(head, 24).unwrap_or(0),
+                le_u64(head, 32).unwrap_or(0),
+                le_u16(head, 54).unwrap_or(0),
+                le_u16(head, 56).unwrap_or(0),
             ),
         };
         if phentsize != phentsize_expected {
@@ -118,14 +128,18 @@ impl<'a> ElfImage<'a> {
         if table_end > len {
             return Err(truncated("program header table", table_end));
         }
+        // At most 65535 entries of 56 bytes (3.5 MiB), inside the image.
+        let table = read_image(image, phoff, table_end - phoff)?
+            .ok_or(truncated("program header table", table_end))?;
+        let table = &table[..];
         let mut phdrs = Vec::with_capacity(usize::from(phnum));
         for i in 0..u64::from(phnum) {
-            let base = phoff + i * u64::from(phentsize);
+            let base = i * u64::from(phentsize);
             let ph = match class {
                 ElfClass::Elf32 => {
-                    let f = |o: u64| u64::from(le_u32(image, base + o).unwrap_or(0));
+                    let f = |o: u64| u64::from(le_u32(table, base + o).unwrap_or(0));
                     ProgramHeader {
-                        p_type: le_u32(image, base).unwrap_or(0),
+                        p_type: le_u32(table, base).unwrap_or(0),
                         offset: f(4),
                         vaddr: f(8),
                         paddr: f(12),
@@ -134,9 +148,9 @@ impl<'a> ElfImage<'a> {
                     }
                 }
                 ElfClass::Elf64 => {
-                    let f = |o: u64| le_u64(image, base + o).unwrap_or(0);
+                    let f = |o: u64| le_u64(table, base + o).unwrap_or(0);
                     ProgramHeader {
-                        p_type: le_u32(image, base).unwrap_or(0),
+                        p_type: le_u32(table, base).unwrap_or(0),
                         offset: f(8),
                         vaddr: f(16),
                         paddr: f(24),
@@ -180,16 +194,28 @@ impl<'a> ElfImage<'a> {
     pub fn pvh_entry(&self) -> Result<Option<u64>, LoaderError> {
         let mut found = None;
         for ph in self.phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
-            let end = ph.offset + ph.filesz; // checked in parse
-            let mut pos = ph.offset;
+            if ph.filesz > MAX_NOTE_SEGMENT {
+                return Err(LoaderError::ElfNote {
+                    offset: ph.offset,
+                    what: "note segment is larger than 1 MiB",
+                });
+            }
+            // In bounds (checked in parse); positions below are within the segment.
+            let notes = read_image(self.image, ph.offset, ph.filesz)?.unwrap_or_default();
+            let notes = &notes[..];
+            let end = ph.filesz;
+            let mut pos = 0;
             while pos < end {
-                let bad = |what| LoaderError::ElfNote { offset: pos, what };
+                let bad = |what| LoaderError::ElfNote {
+                    offset: ph.offset + pos,
+                    what,
+                };
                 if end - pos < 12 {
                     return Err(bad("note header runs past the end of its segment"));
                 }
-                let namesz = u64::from(le_u32(self.image, pos).unwrap_or(0));
-                let descsz = le_u32(self.image, pos + 4).unwrap_or(0);
-                let n_type = le_u32(self.image, pos + 8).unwrap_or(0);
+                let namesz = u64::from(le_u32(notes, pos).unwrap_or(0));
+                let descsz = le_u32(notes, pos + 4).unwrap_or(0);
+                let n_type = le_u32(notes, pos + 8).unwrap_or(0);
                 let name_off = pos + 12;
                 let desc_off = name_off + ((namesz + 3) & !3);
                 let next = desc_off + ((u64::from(descsz) + 3) & !3);
@@ -198,11 +224,11 @@ impl<'a> ElfImage<'a> {
                         "note name or descriptor runs past the end of its segment",
                     ));
                 }
-                let name = slice(self.image, name_off, namesz).unwrap_or(&[]);
+                let name = slice(notes, name_off, namesz).unwrap_or(&[]);
                 if found.is_none() && n_type == XEN_ELFNOTE_PHYS32_ENTRY && name == b"Xen\0" {
                     let value = match descsz {
-                        4 => le_u32(self.image, desc_off).map(u64::from),
-                        8 => le_u64(self.image, desc_off),
+                        4 => le_u32(notes, desc_off).map(u64::from),
+                        8 => le_u64(notes, desc_off),
                         size => return Err(LoaderError::PvhNoteDescSize { size }),
                     };
                     found = value;
@@ -257,8 +283,8 @@ impl<'a> ElfImage<'a> {
     ) -> Result<(u64, u64), LoaderError> {
         let extent = self.load_extent(layout)?;
         for p in self.load_segments() {
-            let data = slice(self.image, p.offset, p.filesz).unwrap_or(&[]);
-            write_bytes(mem, "ELF segment", p.paddr, data)?;
+            // In bounds (checked in parse).
+            write_blob_range(mem, "ELF segment", p.paddr, self.image, p.offset, p.filesz)?;
             zero_bytes(mem, "ELF bss", p.paddr + p.filesz, p.memsz - p.filesz)?;
         }
         Ok(extent)

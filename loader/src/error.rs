@@ -54,6 +54,17 @@ pub enum LoaderError {
         #[source]
         source: GuestMemoryError,
     },
+    /// Reading the image file failed: it shrank, or became unreadable, after it was opened.
+    #[error("Reading {len:#x} bytes of the image at file offset {offset:#x} failed: {source}")]
+    ImageRead {
+        /// File offset of the read.
+        offset: u64,
+        /// Length of the read.
+        len: u64,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The vCPU count is out of range.
     #[error("vCPU count {ncpus} is out of range (1..={max})")]
     CpuCount {

@@ -43,9 +43,10 @@ use vm_memory::GuestMemory;
 /// Most vCPUs a boot configuration may ask for (x2APIC-free APIC IDs 0..=254).
 pub const MAX_CPUS: u32 = 254;
 
-/// Contents the loaders copy into guest memory without looking inside (an initrd, a module):
-/// bytes in memory, or a file read straight into guest memory, so a large initramfs is neither
-/// copied twice nor held in the monitor's own memory meanwhile.
+/// An image the loaders read: a kernel (whose headers they parse), an initrd or a module (which
+/// they copy without looking inside). Bytes in memory, or a file whose loaded parts are read
+/// straight into guest memory, so a large image is neither copied twice nor held in the
+/// monitor's own memory meanwhile.
 #[derive(Debug, Clone, Copy)]
 pub enum Blob<'a> {
     /// Bytes already in memory.
@@ -171,34 +172,35 @@ pub enum ImageKind {
     Unknown,
 }
 
-/// Classifies an image; errors come from a malformed ELF or multiboot header.
-fn classify(image: &[u8]) -> Result<ImageKind, LoaderError> {
-    if linux::has_bzimage_magic(image) {
+/// Classifies an image; errors come from a malformed ELF or multiboot header, or from reading
+/// the image's file.
+fn classify(image: Blob<'_>) -> Result<ImageKind, LoaderError> {
+    let head = mem::image_prefix(image, multiboot::MULTIBOOT_READ)?;
+    if linux::has_bzimage_magic(&head) {
         return Ok(ImageKind::BzImage);
     }
-    let parsed = elf::has_elf_magic(image).then(|| elf::ElfImage::parse(image));
+    let parsed = elf::has_elf_magic(&head).then(|| elf::ElfImage::parse(image));
     if let Some(Ok(e)) = &parsed {
         if e.pvh_entry()?.is_some() {
             return Ok(ImageKind::ElfPvh);
         }
     }
-    if multiboot::find_header(image)?.is_some() {
+    if multiboot::find_header(&head)?.is_some() {
         return Ok(ImageKind::Multiboot);
     }
     match parsed {
         Some(Ok(e)) if e.class == elf::ElfClass::Elf64 => Ok(ImageKind::ElfVmlinux),
         Some(Ok(_)) => Err(LoaderError::Elf32WithoutPvh),
         Some(Err(e)) => Err(e),
-        None => Err(LoaderError::UnknownImage {
-            len: mem::len64(image),
-        }),
+        None => Err(LoaderError::UnknownImage { len: image.len() }),
     }
 }
 
 /// Recognises an image: bzImage magic first, then an ELF PVH note, then a multiboot header,
-/// then a plain ELF64. Malformed images are [`ImageKind::Unknown`]; the loaders report why.
-pub fn detect(image: &[u8]) -> ImageKind {
-    classify(image).unwrap_or(ImageKind::Unknown)
+/// then a plain ELF64. Malformed (or unreadable) images are [`ImageKind::Unknown`]; the loaders
+/// report why.
+pub fn detect<'k>(image: impl Into<Blob<'k>>) -> ImageKind {
+    classify(image.into()).unwrap_or(ImageKind::Unknown)
 }
 
 /// Where a kernel was loaded and how to enter it.
@@ -222,18 +224,22 @@ pub struct LoadedKernel {
 
 /// Loads a Linux kernel: a bzImage through the 64-bit boot protocol; an ELF with a PVH note
 /// through PVH; an ELF64 vmlinux without one at its ELF entry through the 64-bit boot protocol.
-pub fn load_linux<M: GuestMemory + ?Sized>(
+///
+/// `kernel` is bytes in memory or a file ([`Blob`]): a file's headers are read to parse them,
+/// and what is loaded is read straight into guest memory, so the monitor never holds the image
+/// (nor reads what is not loaded: an unstripped vmlinux's symbols and debug information).
+pub fn load_linux<'k, M: GuestMemory + ?Sized>(
     mem: &M,
-    kernel: &[u8],
+    kernel: impl Into<Blob<'k>>,
     cfg: &BootConfig<'_>,
 ) -> Result<LoadedKernel, LoaderError> {
-    if linux::has_bzimage_magic(kernel) {
+    let kernel = kernel.into();
+    let head = mem::image_prefix(kernel, linux::SETUP_HEADER_READ)?;
+    if linux::has_bzimage_magic(&head) {
         return linux::load_bzimage(mem, kernel, cfg);
     }
-    if !elf::has_elf_magic(kernel) {
-        return Err(LoaderError::NotLinux {
-            len: mem::len64(kernel),
-        });
+    if !elf::has_elf_magic(&head) {
+        return Err(LoaderError::NotLinux { len: kernel.len() });
     }
     let parsed = elf::ElfImage::parse(kernel)?;
     if parsed.pvh_entry()?.is_some() {
@@ -244,19 +250,18 @@ pub fn load_linux<M: GuestMemory + ?Sized>(
 }
 
 /// Loads any supported image, chosen as [`detect`] does: bzImage, PVH, multiboot, ELF64
-/// vmlinux.
-pub fn load_kernel<M: GuestMemory + ?Sized>(
+/// vmlinux. `kernel` is bytes or a file, as for [`load_linux`].
+pub fn load_kernel<'k, M: GuestMemory + ?Sized>(
     mem: &M,
-    kernel: &[u8],
+    kernel: impl Into<Blob<'k>>,
     cfg: &BootConfig<'_>,
 ) -> Result<LoadedKernel, LoaderError> {
+    let kernel = kernel.into();
     match classify(kernel)? {
         ImageKind::BzImage => linux::load_bzimage(mem, kernel, cfg),
         ImageKind::ElfPvh => load_pvh(mem, kernel, cfg),
         ImageKind::Multiboot => load_multiboot(mem, kernel, cfg),
         ImageKind::ElfVmlinux => linux::load_vmlinux(mem, kernel, cfg),
-        ImageKind::Unknown => Err(LoaderError::UnknownImage {
-            len: mem::len64(kernel),
-        }),
+        ImageKind::Unknown => Err(LoaderError::UnknownImage { len: kernel.len() }),
     }
 }

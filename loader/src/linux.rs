@@ -14,10 +14,10 @@ use crate::layout::{
     MMIO_HOLE_END, PD_COUNT, ZERO_PAGE_ADDR,
 };
 use crate::mem::{
-    align_up, check_backed, cmdline_bytes, le_u16, len64, place_high, slice, write_blob,
-    write_bytes,
+    align_up, check_backed, cmdline_bytes, image_prefix, le_u16, len64, place_high, slice,
+    write_blob, write_blob_range, write_bytes,
 };
-use crate::{BootConfig, ImageKind, LoadedKernel, LoaderError};
+use crate::{Blob, BootConfig, ImageKind, LoadedKernel, LoaderError};
 
 /// Offset of the setup header in the image and in `boot_params`.
 const SETUP_HEADER_OFFSET: u64 = 0x1f1;
@@ -43,7 +43,10 @@ const VMLINUX_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 /// x86 COMMAND_LINE_SIZE: the limit for an ELF vmlinux, including the NUL.
 const VMLINUX_CMDLINE_SIZE: u64 = 2048;
 
-/// Whether `image` carries the bzImage "HdrS" magic at 0x202.
+/// Bytes of a bzImage read to parse its setup header (which ends by 0x202 + 255).
+pub(crate) const SETUP_HEADER_READ: u64 = 0x400;
+
+/// Whether `image` (its start, at least) carries the bzImage "HdrS" magic at 0x202.
 pub(crate) fn has_bzimage_magic(image: &[u8]) -> bool {
     slice(image, HDRS_OFFSET, 4).is_some_and(|b| b == HDRS_MAGIC.to_le_bytes())
 }
@@ -57,8 +60,11 @@ struct BzImage {
     pm_size: u64,
 }
 
-fn parse_bzimage(image: &[u8]) -> Result<BzImage, LoaderError> {
-    let len = len64(image);
+/// Parses the setup header from `image`'s first [`SETUP_HEADER_READ`] bytes.
+fn parse_bzimage(image: Blob<'_>) -> Result<BzImage, LoaderError> {
+    let len = image.len();
+    let head = image_prefix(image, SETUP_HEADER_READ)?;
+    let image = &head[..];
     let truncated = |what, need| LoaderError::BzImageTruncated { what, need, len };
     if !has_bzimage_magic(image) {
         return Err(LoaderError::NotLinux { len });
@@ -122,7 +128,7 @@ fn parse_bzimage(image: &[u8]) -> Result<BzImage, LoaderError> {
 /// initramfs, page tables and GDT; entry at the 64-bit entry point.
 pub(crate) fn load_bzimage<M: GuestMemory + ?Sized>(
     mem: &M,
-    image: &[u8],
+    image: Blob<'_>,
     cfg: &BootConfig<'_>,
 ) -> Result<LoadedKernel, LoaderError> {
     let layout = cfg.layout()?;
@@ -192,8 +198,15 @@ pub(crate) fn load_bzimage<M: GuestMemory + ?Sized>(
     let initrd = place_initrd(cfg, &layout, kernel_end, u64::from(hdr.initrd_addr_max))?;
 
     // Everything is validated: write.
-    let kernel = slice(image, bz.setup_size, bz.pm_size).unwrap_or(&[]);
-    write_bytes(mem, "protected-mode kernel", load_addr, kernel)?;
+    // setup_size + pm_size is the image's length (parse_bzimage).
+    write_blob_range(
+        mem,
+        "protected-mode kernel",
+        load_addr,
+        image,
+        bz.setup_size,
+        bz.pm_size,
+    )?;
     hdr.code32_start = to_u32("code32_start", load_addr)?;
     write_common(mem, &layout, cfg, hdr, &cmdline, initrd)?;
 
@@ -214,7 +227,7 @@ pub(crate) fn load_bzimage<M: GuestMemory + ?Sized>(
 /// 64-bit boot protocol (zero page with a synthesised setup header).
 pub(crate) fn load_vmlinux<M: GuestMemory + ?Sized>(
     mem: &M,
-    image: &[u8],
+    image: Blob<'_>,
     cfg: &BootConfig<'_>,
 ) -> Result<LoadedKernel, LoaderError> {
     let layout = cfg.layout()?;

@@ -1,10 +1,12 @@
 //! Helpers shared by the loaders: bounds-checked reads from the image, guest memory writes with
 //! errors that say what was written where, and placement rules.
 
+use std::borrow::Cow;
+
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::layout::{MemoryLayout, LOADER_AREA_END, PAGE_SIZE};
-use crate::LoaderError;
+use crate::{Blob, LoaderError};
 
 /// `len` bytes of `image` at `offset`, or None if out of bounds.
 pub(crate) fn slice(image: &[u8], offset: u64, len: u64) -> Option<&[u8]> {
@@ -59,11 +61,32 @@ pub(crate) fn write_blob<M: GuestMemory + ?Sized>(
     mem: &M,
     what: &'static str,
     addr: u64,
-    blob: crate::Blob<'_>,
+    blob: Blob<'_>,
+) -> Result<(), LoaderError> {
+    write_blob_range(mem, what, addr, blob, 0, blob.len())
+}
+
+/// Writes `len` bytes of `blob` from `offset` at `addr`: bytes in memory are copied, a file is
+/// read straight into guest memory. The range must lie inside the blob (callers check it
+/// against [`Blob::len`]); a file that turns out shorter is an error naming `what`.
+pub(crate) fn write_blob_range<M: GuestMemory + ?Sized>(
+    mem: &M,
+    what: &'static str,
+    addr: u64,
+    blob: Blob<'_>,
+    offset: u64,
+    len: u64,
 ) -> Result<(), LoaderError> {
     match blob {
-        crate::Blob::Bytes(data) => write_bytes(mem, what, addr, data),
-        crate::Blob::File { file, len } => {
+        Blob::Bytes(data) => {
+            let data = slice(data, offset, len).ok_or_else(|| LoaderError::ImageRead {
+                offset,
+                len,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            })?;
+            write_bytes(mem, what, addr, data)
+        }
+        Blob::File { file, .. } => {
             let err = |source| LoaderError::GuestWrite {
                 what,
                 addr,
@@ -75,14 +98,47 @@ pub(crate) fn write_blob<M: GuestMemory + ?Sized>(
                     GuestAddress(addr),
                 ))
             })?;
-            // From the start, whatever an earlier load left the offset at.
+            // From `offset`, whatever an earlier read left the file's offset at.
             let mut src = file;
-            std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))
+            std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(offset))
                 .map_err(|e| err(vm_memory::GuestMemoryError::IOError(e)))?;
             mem.read_exact_volatile_from(GuestAddress(addr), &mut src, count)
                 .map_err(err)
         }
     }
+}
+
+/// `len` bytes of `image` at `offset`, for the loaders to parse: borrowed from bytes in memory,
+/// read (`pread`) from a file. `Ok(None)` when the range lies beyond the image's length.
+/// Callers ask for headers and tables only, never for the bulk of an image.
+pub(crate) fn read_image<'a>(
+    image: Blob<'a>,
+    offset: u64,
+    len: u64,
+) -> Result<Option<Cow<'a, [u8]>>, LoaderError> {
+    if offset.checked_add(len).is_none_or(|end| end > image.len()) {
+        return Ok(None);
+    }
+    match image {
+        Blob::Bytes(b) => Ok(slice(b, offset, len).map(Cow::Borrowed)),
+        Blob::File { file, .. } => {
+            let err = |source| LoaderError::ImageRead {
+                offset,
+                len,
+                source,
+            };
+            let n =
+                usize::try_from(len).map_err(|_| err(std::io::ErrorKind::OutOfMemory.into()))?;
+            let mut buf = vec![0u8; n];
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, offset).map_err(err)?;
+            Ok(Some(Cow::Owned(buf)))
+        }
+    }
+}
+
+/// The first `max` bytes of `image`, or all of it when it is shorter.
+pub(crate) fn image_prefix(image: Blob<'_>, max: u64) -> Result<Cow<'_, [u8]>, LoaderError> {
+    Ok(read_image(image, 0, image.len().min(max))?.unwrap_or_default())
 }
 
 /// Zeroes `len` bytes at `addr` (guest memory may not be fresh).

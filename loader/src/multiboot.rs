@@ -11,10 +11,10 @@ use crate::layout::{
     MODULE_STRINGS_ADDR, MODULE_STRINGS_SIZE,
 };
 use crate::mem::{
-    check_backed, check_segment, cmdline_bytes, le_u32, len64, place_low, slice, write_blob,
-    write_bytes, zero_bytes, StringTable,
+    check_backed, check_segment, cmdline_bytes, image_prefix, le_u32, len64, place_low, write_blob,
+    write_blob_range, write_bytes, zero_bytes, StringTable,
 };
-use crate::{BootConfig, ImageKind, LoadedKernel, LoaderError};
+use crate::{Blob, BootConfig, ImageKind, LoadedKernel, LoaderError};
 
 /// Magic value of the multiboot header.
 pub const MULTIBOOT_HEADER_MAGIC: u32 = 0x1bad_b002;
@@ -22,6 +22,9 @@ pub const MULTIBOOT_HEADER_MAGIC: u32 = 0x1bad_b002;
 pub const MULTIBOOT_BOOTLOADER_MAGIC: u32 = 0x2bad_b002;
 /// The header must lie in the first this many bytes of the image, 4-byte aligned.
 pub const MULTIBOOT_SEARCH: u64 = 8192;
+/// Bytes read from the image's start to find the header: the search area, and a header begun
+/// at its end (at most 48 bytes).
+pub(crate) const MULTIBOOT_READ: u64 = MULTIBOOT_SEARCH + 48;
 /// Header flag: align modules on 4 KiB boundaries (required).
 pub const MB_FLAG_PAGE_ALIGN: u32 = 1 << 0;
 /// Header flag: provide memory information (required).
@@ -69,7 +72,8 @@ pub struct MultibootHeader {
 
 /// Finds the multiboot header: magic 0x1BADB002 at a 4-byte aligned offset in the first 8192
 /// bytes, with magic + flags + checksum = 0 (mod 2^32). `Ok(None)` if there is none; an error if
-/// the header is cut off by the end of the image.
+/// the header is cut off by the end of the image. `image` may be the image's first
+/// `MULTIBOOT_SEARCH + 48` bytes only: the answer is the same.
 pub fn find_header(image: &[u8]) -> Result<Option<MultibootHeader>, LoaderError> {
     let len = len64(image);
     let limit = len.min(MULTIBOOT_SEARCH);
@@ -102,10 +106,20 @@ pub fn find_header(image: &[u8]) -> Result<Option<MultibootHeader>, LoaderError>
     Ok(None)
 }
 
+/// An a.out-kludge kernel's load: `file_len` bytes of the image from `file_start` at guest
+/// address `addr`, then zeroes up to `mem_len` (its bss).
+#[derive(Debug, Clone, Copy)]
+struct AoutLoad {
+    addr: u64,
+    file_start: u64,
+    file_len: u64,
+    mem_len: u64,
+}
+
 /// Where the kernel was put, before anything is written.
 struct Placement<'a> {
-    /// a.out kludge: (load address, bytes from the file, memory length including bss).
-    aout: Option<(u64, &'a [u8], u64)>,
+    /// a.out kludge: what to read from the file, and where.
+    aout: Option<AoutLoad>,
     /// ELF: the parsed image, whose segments are loaded at their physical addresses.
     elf: Option<ElfImage<'a>>,
     /// Lowest address of the image.
@@ -117,7 +131,7 @@ struct Placement<'a> {
 }
 
 fn place_aout<'a>(
-    image: &'a [u8],
+    image: Blob<'a>,
     header: &MultibootHeader,
     fields: [u32; 5],
     layout: &MemoryLayout,
@@ -137,7 +151,7 @@ fn place_aout<'a>(
     let file_start = header.offset.checked_sub(header_delta).ok_or(bad(
         "header_addr - load_addr exceeds the header's file offset",
     ))?;
-    let len = len64(image);
+    let len = image.len();
     let load = u64::from(load_addr);
     let load_end = if load_end_addr == 0 {
         load + (len - file_start)
@@ -165,9 +179,13 @@ fn place_aout<'a>(
     if entry < load || entry >= bss_end {
         return Err(LoaderError::EntryOutsideImage { entry });
     }
-    let data = slice(image, file_start, load_end - load).unwrap_or(&[]);
     Ok(Placement {
-        aout: Some((load, data, bss_end - load)),
+        aout: Some(AoutLoad {
+            addr: load,
+            file_start,
+            file_len: load_end - load,
+            mem_len: bss_end - load,
+        }),
         elf: None,
         start: load,
         end: bss_end,
@@ -175,7 +193,7 @@ fn place_aout<'a>(
     })
 }
 
-fn place_elf<'a>(image: &'a [u8], layout: &MemoryLayout) -> Result<Placement<'a>, LoaderError> {
+fn place_elf<'a>(image: Blob<'a>, layout: &MemoryLayout) -> Result<Placement<'a>, LoaderError> {
     let elf = ElfImage::parse(image).map_err(|e| LoaderError::MultibootNotElf {
         source: Box::new(e),
     })?;
@@ -208,16 +226,19 @@ fn u32_field(what: &'static str, v: u64) -> Result<u32, LoaderError> {
 /// after another above the kernel (what GRUB does; this satisfies header flag bit 0). Memory
 /// information (`mem_lower`, `mem_upper`, the memory map) is always provided (flag bit 1).
 /// Header flags 2-15 are refused.
-pub fn load_multiboot<M: GuestMemory + ?Sized>(
+pub fn load_multiboot<'k, M: GuestMemory + ?Sized>(
     mem: &M,
-    image: &[u8],
+    image: impl Into<Blob<'k>>,
     cfg: &BootConfig<'_>,
 ) -> Result<LoadedKernel, LoaderError> {
+    let image = image.into();
     let layout = cfg.layout()?;
     check_backed(mem, &layout)?;
-    let header = find_header(image)?.ok_or(LoaderError::MultibootHeaderMissing {
-        searched: len64(image).min(MULTIBOOT_SEARCH),
-    })?;
+    let header = find_header(&image_prefix(image, MULTIBOOT_READ)?)?.ok_or(
+        LoaderError::MultibootHeaderMissing {
+            searched: image.len().min(MULTIBOOT_SEARCH),
+        },
+    )?;
     let unsupported = header.flags & 0xffff & !SUPPORTED_REQUIRED_FLAGS;
     if unsupported != 0 {
         return Err(LoaderError::MultibootUnsupportedFlags {
@@ -298,9 +319,21 @@ pub fn load_multiboot<M: GuestMemory + ?Sized>(
     if let Some(elf) = &placement.elf {
         elf.load(mem, &layout)?;
     }
-    if let Some((addr, data, mem_len)) = placement.aout {
-        write_bytes(mem, "a.out kernel image", addr, data)?;
-        zero_bytes(mem, "a.out bss", addr + len64(data), mem_len - len64(data))?;
+    if let Some(a) = placement.aout {
+        write_blob_range(
+            mem,
+            "a.out kernel image",
+            a.addr,
+            image,
+            a.file_start,
+            a.file_len,
+        )?;
+        zero_bytes(
+            mem,
+            "a.out bss",
+            a.addr + a.file_len,
+            a.mem_len - a.file_len,
+        )?;
     }
     for (m, &addr) in modules.iter().zip(&addrs) {
         write_blob(mem, "module", addr, m.data)?;

@@ -15,7 +15,7 @@ use crate::layout::{
 use crate::mem::{
     check_backed, cmdline_bytes, len64, place_high, write_blob, write_bytes, StringTable,
 };
-use crate::{BootConfig, ImageKind, LoadedKernel, LoaderError};
+use crate::{Blob, BootConfig, ImageKind, LoadedKernel, LoaderError};
 
 /// Version of `hvm_start_info` written (1: has the memory map fields).
 pub const HVM_START_INFO_VERSION: u32 = 1;
@@ -30,11 +30,12 @@ const _: () = assert!((PVH_MEMMAP_END - PVH_MEMMAP_ADDR) / 24 >= 4);
 ///
 /// The initrd, when given, is module 0; `cfg.modules` follow. Modules are placed page-aligned
 /// as high as possible in RAM below 4 GiB. `cfg.rsdp_addr` becomes `rsdp_paddr`.
-pub fn load_pvh<M: GuestMemory + ?Sized>(
+pub fn load_pvh<'k, M: GuestMemory + ?Sized>(
     mem: &M,
-    image: &[u8],
+    image: impl Into<Blob<'k>>,
     cfg: &BootConfig<'_>,
 ) -> Result<LoadedKernel, LoaderError> {
+    let image = image.into();
     let layout = cfg.layout()?;
     check_backed(mem, &layout)?;
     let elf = ElfImage::parse(image)?;

@@ -4,20 +4,76 @@
 mod common;
 
 use common::*;
+use std::os::unix::fs::FileExt;
+
 use loader::{
-    detect, load_kernel, load_linux, load_multiboot, load_pvh, BootConfig, ImageKind, LoadedKernel,
-    LoaderError,
+    detect, load_kernel, load_linux, load_multiboot, load_pvh, Blob, BootConfig, ImageKind,
+    LoadedKernel, LoaderError,
 };
 use vm_memory::GuestMemoryMmap;
 
-type LoadFn = fn(&GuestMemoryMmap, &[u8], &BootConfig<'_>) -> Result<LoadedKernel, LoaderError>;
+type Loaded = Result<LoadedKernel, LoaderError>;
+type LoadFn = for<'k> fn(&GuestMemoryMmap, Blob<'k>, &BootConfig<'_>) -> Loaded;
 
 const LOADERS: [(&str, LoadFn); 4] = [
-    ("load_linux", load_linux::<GuestMemoryMmap>),
-    ("load_pvh", load_pvh::<GuestMemoryMmap>),
-    ("load_multiboot", load_multiboot::<GuestMemoryMmap>),
-    ("load_kernel", load_kernel::<GuestMemoryMmap>),
+    ("load_linux", |m, k, c| load_linux(m, k, c)),
+    ("load_pvh", |m, k, c| load_pvh(m, k, c)),
+    ("load_multiboot", |m, k, c| load_multiboot(m, k, c)),
+    ("load_kernel", |m, k, c| load_kernel(m, k, c)),
 ];
+
+/// A scratch file the images are also loaded from: a loader reading a file (headers with
+/// `pread`, segments straight into guest memory) must decide exactly as it does on the bytes.
+struct ImageFile(std::fs::File);
+
+impl ImageFile {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "loader-hostile-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        ImageFile(file)
+    }
+
+    /// Runs `load` on `image` as bytes and as this file; both must give the same answer
+    /// (the same kernel placement, or the same error message). Returns the bytes' answer.
+    fn load_both(
+        &self,
+        name: &str,
+        load: LoadFn,
+        mem: &GuestMemoryMmap,
+        image: &[u8],
+        cfg: &BootConfig<'_>,
+    ) -> Loaded {
+        self.0.set_len(0).unwrap();
+        self.0.write_all_at(image, 0).unwrap();
+        let file = Blob::File {
+            file: &self.0,
+            len: image.len() as u64,
+        };
+        let from_file = load(mem, file, cfg);
+        let from_bytes = load(mem, Blob::Bytes(image), cfg);
+        match (&from_bytes, &from_file) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{name}: bytes and file placed differently"),
+            (Err(a), Err(b)) => assert_eq!(
+                a.to_string(),
+                b.to_string(),
+                "{name}: bytes and file refused differently"
+            ),
+            (a, b) => panic!("{name}: from bytes {a:?}, from a file {b:?}"),
+        }
+        from_bytes
+    }
+}
 
 const RAM: u64 = 8 * MIB;
 
@@ -28,13 +84,15 @@ fn cfg() -> BootConfig<'static> {
 #[test]
 fn random_bytes_are_refused_by_every_loader() {
     let mem = guest_mem(RAM);
+    let file = ImageFile::new();
     let mut rng = Rng::new(0x5eed);
     for len in [0usize, 1, 3, 64, 0x1f0, 0x206, 0x1000, 0x2100, 0x10000] {
         for _ in 0..8 {
             let image = rng.bytes(len);
             assert_eq!(detect(&image), ImageKind::Unknown, "random {len} bytes");
             for (name, load) in LOADERS {
-                let err = load(&mem, &image, &cfg())
+                let err = file
+                    .load_both(name, load, &mem, &image, &cfg())
                     .err()
                     .unwrap_or_else(|| panic!("{name} accepted {len} random bytes"));
                 assert!(!err.to_string().is_empty());
@@ -327,11 +385,13 @@ fn elf32_without_pvh_note_is_not_linux() {
     assert!(matches!(err, LoaderError::Elf32WithoutPvh), "{err:?}");
 }
 
-/// Valid images with random bytes overwritten, fed to every loader: any result is fine, a
-/// panic is not; and whatever is accepted must have an entry point inside guest RAM.
+/// Valid images with random bytes overwritten, fed to every loader as bytes and as a file: any
+/// result is fine (the same for both), a panic is not; and whatever is accepted must have an
+/// entry point inside guest RAM.
 #[test]
 fn mutated_images_never_panic() {
     let mem = guest_mem(RAM);
+    let file = ImageFile::new();
     let seeds: Vec<Vec<u8>> = vec![
         BzImage::default().build(),
         pvh_elf64().build(),
@@ -358,8 +418,8 @@ fn mutated_images_never_panic() {
             let len = rng.below(image.len() + 1);
             image.truncate(len);
         }
-        for (_, load) in LOADERS {
-            if let Ok(k) = load(&mem, &image, &cfg) {
+        for (name, load) in LOADERS {
+            if let Ok(k) = file.load_both(name, load, &mem, &image, &cfg) {
                 accepted += 1;
                 assert!(k.layout.is_ram(k.entry.rip, k.entry.rip + 1), "{k:?}");
             }
@@ -367,4 +427,33 @@ fn mutated_images_never_panic() {
     }
     // Many single-byte mutations leave a loadable image: the loop exercised the success path.
     assert!(accepted > 100, "only {accepted} mutated images loaded");
+}
+
+/// A kernel file that is shorter than when it was measured (it shrank after it was opened) is an
+/// error, from every loader, whether the headers or the segments are missing.
+#[test]
+fn a_kernel_file_shorter_than_measured_is_refused() {
+    let mem = guest_mem(RAM);
+    let file = ImageFile::new();
+    for image in [
+        BzImage::default().build(),
+        pvh_elf64().build(),
+        mb_elf32(0x3).build(),
+        mb_aout(0x3),
+    ] {
+        for cut in [0x100, image.len() / 2, image.len() - 1] {
+            file.0.set_len(0).unwrap();
+            file.0.write_all_at(&image[..cut], 0).unwrap();
+            let blob = Blob::File {
+                file: &file.0,
+                len: image.len() as u64,
+            };
+            for (name, load) in LOADERS {
+                let err = load(&mem, blob, &cfg()).err().unwrap_or_else(|| {
+                    panic!("{name} loaded a file cut at {cut} of {}", image.len())
+                });
+                assert!(!err.to_string().is_empty());
+            }
+        }
+    }
 }

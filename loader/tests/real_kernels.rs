@@ -13,12 +13,31 @@ mod common;
 
 use common::*;
 use loader::layout::ZERO_PAGE_ADDR;
-use loader::{detect, load_linux, BootConfig, CpuMode, ImageKind};
+use loader::{detect, load_linux, Blob, BootConfig, CpuMode, ImageKind, LoadedKernel};
+use vm_memory::GuestMemoryMmap;
 
 fn input(var: &str) -> Vec<u8> {
-    let path = std::env::var(var)
-        .unwrap_or_else(|_| panic!("{var} is not set (see guest-linux/fetch.sh)"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{var}={path}: {e}"))
+    std::fs::read(path(var)).unwrap_or_else(|e| panic!("{var}: {e}"))
+}
+
+fn path(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set (see guest-linux/fetch.sh)"))
+}
+
+/// Loads `var`'s file again as a file (headers read, segments read straight into guest
+/// memory) and checks it lands exactly as the bytes did: the same placement, the same guest
+/// memory over the kernel's extent.
+fn same_from_file(var: &str, mem: &GuestMemoryMmap, k: &LoadedKernel, cfg: &BootConfig<'_>) {
+    let file = std::fs::File::open(path(var)).unwrap();
+    let len = file.metadata().unwrap().len();
+    let mem2 = guest_mem(k.layout.mem_size());
+    let k2 = load_linux(&mem2, Blob::File { file: &file, len }, cfg).unwrap();
+    assert_eq!(&k2, k);
+    let n = (k.kernel_end - k.kernel_start) as usize;
+    assert!(
+        read_bytes(mem, k.kernel_start, n) == read_bytes(&mem2, k.kernel_start, n),
+        "the kernel's memory differs between bytes and file"
+    );
 }
 
 #[test]
@@ -56,6 +75,7 @@ fn debian_bzimage_with_initramfs() {
     assert_eq!(size, initrd.len() as u64);
     assert!(addr >= k.kernel_end && addr + size <= ram);
     assert_eq!(read_bytes(&mem, addr, 4096), initrd[..4096]);
+    same_from_file("GUEST_KERNEL", &mem, &k, &cfg);
 }
 
 #[test]
@@ -69,8 +89,10 @@ fn debian_vmlinux_boots_through_pvh() {
     );
     let ram = 256 * MIB;
     let mem = guest_mem(ram);
-    let k = load_linux(&mem, &vmlinux, &BootConfig::new(ram, "console=ttyS0")).unwrap();
+    let cfg = BootConfig::new(ram, "console=ttyS0");
+    let k = load_linux(&mem, &vmlinux, &cfg).unwrap();
     assert_eq!(k.kind, ImageKind::ElfPvh);
     assert_eq!(k.entry.mode, CpuMode::Protected32);
     assert!(k.entry.rip >= k.kernel_start && k.entry.rip < k.kernel_end);
+    same_from_file("GUEST_VMLINUX", &mem, &k, &cfg);
 }
