@@ -161,12 +161,14 @@ fn install_signal_handlers() {
 }
 
 /// A kernel or initrd named on the command line, opened. A regular file is measured, not read:
-/// an initrd is read by the loader straight into guest memory (a Debian initramfs is 30–60 MiB:
-/// reading it into a buffer first cost a second copy and as much memory of the monitor's own, at
-/// its peak). Anything else (a pipe, `<(…)`, a device) is read into memory at once, and refused
-/// once it passes `limit` bytes (guest memory) without reading further: `-o boot.kernel=/dev/zero`
-/// is an error, not a monitor that grows until the host runs out of memory. A regular file has no
-/// such bound (an unstripped ELF vmlinux may be far larger than what it loads).
+/// the loaders read a kernel's headers from it and what they load straight into guest memory
+/// (a Debian initramfs is 30–60 MiB, a bzImage 8–14 MiB, an ELF vmlinux 50 MiB or, unstripped,
+/// hundreds: reading one into a buffer first cost a second copy and as much memory of the
+/// monitor's own, at its peak; of a vmlinux only its loadable segments are read). Anything else
+/// (a pipe, `<(…)`, a device) is read into memory at once, and refused once it passes `limit`
+/// bytes (guest memory) without reading further: `-o boot.kernel=/dev/zero` is an error, not a
+/// monitor that grows until the host runs out of memory. A regular file has no such bound (an
+/// unstripped ELF vmlinux may be far larger than what it loads).
 enum Image {
     File(std::fs::File, u64),
     Bytes(Vec<u8>),
@@ -211,23 +213,20 @@ impl Image {
             Image::Bytes(b) => loader::Blob::Bytes(b),
         }
     }
+}
 
-    /// The whole contents (the loaders parse a kernel from its bytes).
-    fn into_bytes(self, what: &'static str, p: &Path) -> Result<Vec<u8>, VmError> {
-        use std::io::Read;
-        let err = |source| read_error(what, p, source);
-        match self {
-            Image::Bytes(b) => Ok(b),
-            Image::File(mut file, len) => {
-                let mut bytes = Vec::new();
-                bytes
-                    .try_reserve_exact(usize::try_from(len).unwrap_or(usize::MAX))
-                    .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::OutOfMemory, e)))?;
-                file.read_to_end(&mut bytes).map_err(err)?;
-                Ok(bytes)
-            }
-        }
-    }
+/// A kernel or initrd that failed while the loader read it from its file (it shrank, or the file
+/// system failed): the loader's error, with its cause, as a read error naming the file.
+fn read_failed(what: &'static str, p: &Path, e: &loader::LoaderError) -> VmError {
+    let why = match std::error::Error::source(e) {
+        Some(why) if !e.to_string().contains(&why.to_string()) => format!("{e}: {why}"),
+        _ => e.to_string(),
+    };
+    read_error(
+        what,
+        p,
+        std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+    )
 }
 
 fn read_error(what: &'static str, p: &Path, source: std::io::Error) -> VmError {
@@ -544,9 +543,8 @@ fn add_absent(devices: &mut Devices, com2: bool) -> Result<(), VmError> {
 pub fn run(cfg: &Config) -> Result<i32, VmError> {
     since_start_ns();
     install_signal_handlers();
-    let kernel =
-        Image::open("kernel", &cfg.kernel, cfg.memory)?.into_bytes("kernel", &cfg.kernel)?;
-    phase("kernel read");
+    let kernel = Image::open("kernel", &cfg.kernel, cfg.memory)?;
+    phase("kernel opened");
     let initrd = match &cfg.initrd {
         Some(p) => Some(Image::open("initrd", p, cfg.memory)?),
         None => None,
@@ -614,10 +612,10 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     boot.rsdp_addr = Some(rsdp);
     phase("ACPI tables built");
     let loaded = match cfg.protocol {
-        BootProtocol::Auto => loader::load_kernel(mem, &kernel, &boot),
-        BootProtocol::Linux => loader::load_linux(mem, &kernel, &boot),
-        BootProtocol::Pvh => loader::load_pvh(mem, &kernel, &boot),
-        BootProtocol::Multiboot => loader::load_multiboot(mem, &kernel, &boot),
+        BootProtocol::Auto => loader::load_kernel(mem, kernel.blob(), &boot),
+        BootProtocol::Linux => loader::load_linux(mem, kernel.blob(), &boot),
+        BootProtocol::Pvh => loader::load_pvh(mem, kernel.blob(), &boot),
+        BootProtocol::Multiboot => loader::load_multiboot(mem, kernel.blob(), &boot),
     }
     .map_err(|source| match (&cfg.initrd, &initrd, &source) {
         (
@@ -633,26 +631,27 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
         },
         // Read straight from its file: a file that shrank, or failed, while it was read.
         (Some(p), Some(_), loader::LoaderError::GuestWrite { what: "initrd", .. }) => {
-            VmError::Read {
-                what: "initrd",
-                path: p.display().to_string(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    match std::error::Error::source(&source) {
-                        Some(why) => format!("{source}: {why}"),
-                        None => source.to_string(),
-                    },
-                ),
-            }
+            read_failed("initrd", p, &source)
         }
+        // The kernel's headers are read from its file, and what it loads straight into guest
+        // memory: the same for the kernel.
+        (
+            _,
+            _,
+            loader::LoaderError::ImageRead { .. }
+            | loader::LoaderError::GuestWrite {
+                what: "protected-mode kernel" | "ELF segment" | "a.out kernel image",
+                ..
+            },
+        ) if matches!(kernel, Image::File(..)) => read_failed("kernel", &cfg.kernel, &source),
         _ => VmError::Load {
             path: cfg.kernel.display().to_string(),
             source,
         },
     })?;
     let entry = EntryRegs::from(&loaded.entry);
-    // The images are in guest memory now: give their buffers back rather than hold them for the
-    // VM's whole life (a 14 MB bzImage, or an initrd read from a pipe, was resident until exit).
+    // The images are in guest memory now: close them, and give back the buffers of those read
+    // from a pipe rather than hold them for the VM's whole life.
     drop(kernel);
     drop(initrd);
     phase("memory mapped, kernel loaded");
