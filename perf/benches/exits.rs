@@ -1,8 +1,9 @@
 //! Exit round trip per class, ours against a raw `KVM_RUN` loop, interleaved in the same run.
 //!
 //! `cargo bench -p perf --bench exits` (env: `EXITS_N`, default 100000 exits per run; `EXITS_REPS`,
-//! default 5; `EXITS_DEVICE_SPIN_US`, the device-model thread's spin before it parks, default
-//! `RunConfig`'s 200 µs; `EXITS_CLASSES`, a comma-separated subset of
+//! default 5; `EXITS_DEVICE_SPIN_US`, the device-model thread's spin before it parks, and
+//! `EXITS_COMPLETION_SPIN_US`, a vCPU's spin for its completion before it parks, default what
+//! `RunConfig` chooses; `EXITS_CLASSES`, a comma-separated subset of
 //! `fast,posted,waited,trace,coalesced`, default all; `EXITS_RAW_SPINNER=1` runs a spinning
 //! thread on CPU 1 beside the raw loop). Prints a markdown table; bar: fast ≤ 1.05×
 //! raw, posted ≤ 1.05× raw, waited ≤ raw + 1 µs; then the cost of tracing every exit (`trace`);

@@ -26,6 +26,7 @@ pub use backend::{
 pub use control::{ControlError, VcpuOp, VcpuOpResult};
 pub use kvm::KvmHypervisor;
 pub use machine::{
-    Devices, Machine, MachineError, RunConfig, RunExit, RunOutcome, RunningVm, StopSwitch,
+    completion_spin_for, Devices, Machine, MachineError, RunConfig, RunExit, RunOutcome, RunningVm,
+    StopSwitch,
 };
 pub use routes::{GsiRoutes, IOAPIC_RESERVED_PINS};

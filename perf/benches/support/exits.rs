@@ -167,6 +167,12 @@ pub fn run_ours_opts(guest: &str, n: u64, trace: bool, coalesce: bool) -> Durati
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .map_or(RunConfig::default().device_spin, Duration::from_micros),
+                completion_spin: std::env::var("EXITS_COMPLETION_SPIN_US")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map_or(RunConfig::default().completion_spin, Duration::from_micros),
+                // A completion spin given explicitly applies whatever the host's CPUs.
+                spin_when_shared: std::env::var_os("EXITS_COMPLETION_SPIN_US").is_some(),
                 ..RunConfig::default()
             },
         )
