@@ -199,7 +199,8 @@ impl Devices {
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// Pin vCPU `i` to host CPU `i % host_cpus` (and its device-model thread next to it).
+    /// Pin vCPU `i` to host CPU [`host_cpu`]`(i % host_cpus)` (and its device-model thread to the
+    /// next one).
     pub pin: bool,
     /// Slots per exit ring and per completion ring (power of two).
     pub ring_capacity: u32,
@@ -576,6 +577,40 @@ pub fn host_cpus() -> usize {
     *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// The host CPU the `n`-th pinned thread goes to: the `n`-th CPU (modulo their number) of those
+/// the process may run on, as its affinity mask said when first asked. Under `taskset -c 4-7`,
+/// or in a container's cpuset, vCPU 0 goes to CPU 4, not to CPU 0, where pinning would fail and
+/// leave the thread unpinned.
+pub fn host_cpu(n: usize) -> usize {
+    static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    nth_cpu(ALLOWED.get_or_init(allowed_cpus), n)
+}
+
+/// The `n`-th of `allowed` (modulo its length); `n` itself if the set could not be read.
+fn nth_cpu(allowed: &[usize], n: usize) -> usize {
+    if allowed.is_empty() {
+        n
+    } else {
+        allowed[n % allowed.len()]
+    }
+}
+
+/// The CPUs the calling thread may run on, in order (empty if the mask cannot be read).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size passed; pid 0 is this thread.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..8 * std::mem::size_of::<libc::cpu_set_t>())
+        // SAFETY: `cpu` is below CPU_SETSIZE, so CPU_ISSET reads inside `set`.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect()
+}
+
 impl<H: Hypervisor> Machine<H>
 where
     H::Vm: 'static,
@@ -745,7 +780,7 @@ where
             slow_stats.push(ss.stats.clone());
             let st = slow_stop.clone();
             let spin = cfg.device_spin;
-            let pin = cfg.pin.then_some((idx + 1) % host);
+            let pin = cfg.pin.then(|| host_cpu((idx + 1) % host));
             let name = format!("devmodel-{i}");
             slow_threads.push(
                 std::thread::Builder::new()
@@ -779,7 +814,7 @@ where
             let create_timeout = cfg.control_timeout;
             let platform = platform.clone();
             let (done, bell) = (done_tx.clone(), stop.clone());
-            let pin = cfg.pin.then_some(idx % host);
+            let pin = cfg.pin.then(|| host_cpu(idx % host));
             let entry = (i == 0).then_some(entry);
             let name = format!("vcpu-{i}");
             vcpu_threads.push(
@@ -1244,6 +1279,26 @@ mod tests {
     impl BusDevice for Nop {
         fn read(&mut self, _o: u64, _d: &mut [u8]) {}
         fn write(&mut self, _o: u64, _d: &[u8]) {}
+    }
+
+    #[test]
+    fn pinned_threads_go_to_the_cpus_the_process_may_run_on() {
+        assert_eq!(nth_cpu(&[4, 5, 6, 7], 0), 4);
+        assert_eq!(nth_cpu(&[4, 5, 6, 7], 5), 5);
+        assert_eq!(nth_cpu(&[], 3), 3);
+        // A thread whose mask allows only the last CPU reads exactly that CPU back.
+        let all = allowed_cpus();
+        assert!(!all.is_empty());
+        let last = *all.last().unwrap();
+        let seen = std::thread::spawn(move || {
+            crate::runner::pin_to_cpu(last).unwrap();
+            allowed_cpus()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, vec![last]);
+        assert_eq!(nth_cpu(&seen, 0), last);
+        assert_eq!(nth_cpu(&seen, 1), last);
     }
 
     #[test]
