@@ -148,6 +148,9 @@ pub struct Config {
     pub huge_pages: bool,
     /// Pin vCPU threads to host CPUs.
     pub pin: bool,
+    /// Host CPUs a vCPU may run on, by vCPU (`-p vcpu:hostcpu`, `vcpu.N.cpuset`): it is pinned to
+    /// that set instead of the CPU chosen for it.
+    pub cpusets: BTreeMap<u32, Vec<usize>>,
     /// Print latency histograms when the VM stops.
     pub print_histograms: bool,
     /// Trace every exit and write a Chrome trace / Perfetto JSON file here when the VM stops.
@@ -203,6 +206,8 @@ Usage: bhyve [-AHPuw] [-c [cpus=]N] [-k config_file] [-l lpcdev[,conf]] [-m mems
         trace.enabled=BOOL   tracing on from the start (default: on with trace.file);
                              bhyvectl --vm=NAME --trace=on|off switches it while running
         cpus.pin=false       do not pin vCPU threads to host CPUs
+  -p  vcpu:hostcpu: run vCPU vcpu on host CPU hostcpu only (repeat to add CPUs; or
+      -o vcpu.N.cpuset=LIST, e.g. 2,4-5); other vCPUs are pinned as the host allows
   -k  read key=value configuration variables from a file
   -A -H -P -u -w  accepted for compatibility (ACPI tables, HLT/PAUSE exits and UTC RTC are
                   always on; unknown MSRs always fault)
@@ -342,7 +347,7 @@ pub fn parse(args: &[String]) -> Result<Command, OptError> {
             match c {
                 'h' => return Ok(Command::Help),
                 'A' | 'H' | 'P' | 'u' | 'w' | 'S' | 'x' | 'e' | 'W' | 'Y' => {}
-                'c' | 'm' | 'l' | 's' | 'o' | 'k' => {
+                'c' | 'm' | 'l' | 's' | 'o' | 'k' | 'p' => {
                     let rest = &flags[pos + c.len_utf8()..];
                     let arg = if !rest.is_empty() {
                         rest.to_string()
@@ -480,6 +485,28 @@ fn option(c: char, arg: &str, vars: &mut Vec<(String, String)>) -> Result<(), Op
             vars.push((k.into(), v.into()));
         }
         'k' => vars.extend(read_config_file(arg)?),
+        'p' => {
+            // -p vcpu:hostcpu, as bhyve(8): each adds hostcpu to vcpu.N.cpuset.
+            let bad = |why: &str| OptError::BadValue {
+                what: "-p".into(),
+                value: arg.into(),
+                why: why.into(),
+            };
+            let (vcpu, host) = arg
+                .split_once(':')
+                .ok_or_else(|| bad("expected vcpu:hostcpu, e.g. -p 0:2"))?;
+            let vcpu: u32 = vcpu
+                .parse()
+                .map_err(|_| bad("the vCPU must be a whole number"))?;
+            let host: usize = host
+                .parse()
+                .map_err(|_| bad("the host CPU must be a whole number"))?;
+            let key = format!("vcpu.{vcpu}.cpuset");
+            match vars.iter_mut().rev().find(|(k, _)| *k == key) {
+                Some((_, v)) => *v = format!("{v},{host}"),
+                None => vars.push((key, host.to_string())),
+            }
+        }
         _ => return Err(OptError::UnknownOption(c.to_string())),
     }
     Ok(())
@@ -509,6 +536,7 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
         print_stats: false,
         huge_pages: true,
         pin: true,
+        cpusets: BTreeMap::new(),
         print_histograms: false,
         trace_file: None,
         trace_enabled: None,
@@ -626,12 +654,90 @@ pub fn build(list: Vec<(String, String)>) -> Result<Config, OptError> {
                 });
             }
             k if k.starts_with("pci.") => {}
+            k if k.starts_with("vcpu.") && k.ends_with(".cpuset") => {
+                let vcpu = k["vcpu.".len()..k.len() - ".cpuset".len()]
+                    .parse::<u32>()
+                    .map_err(|_| OptError::UnknownKey(k.to_string()))?;
+                let set = parse_cpuset(v).map_err(|why| OptError::BadValue {
+                    what: format!("{k} (-p)"),
+                    value: v.clone(),
+                    why,
+                })?;
+                cfg.cpusets.insert(vcpu, set);
+            }
             _ => return Err(OptError::UnknownKey(k.clone())),
         }
+    }
+    if let Some((&vcpu, set)) = cfg.cpusets.range(cfg.cpus..).next() {
+        return Err(OptError::BadValue {
+            what: format!("vcpu.{vcpu}.cpuset (-p)"),
+            value: cpuset_text(set),
+            why: format!(
+                "the VM has {} vCPU{} (-c): vCPUs are numbered from 0",
+                cfg.cpus,
+                if cfg.cpus == 1 { "" } else { "s" }
+            ),
+        });
     }
     cfg.kernel = kernel.ok_or(OptError::NoKernel)?;
     cfg.vars = vars;
     Ok(cfg)
+}
+
+/// Most host CPUs a set may name (glibc's CPU_SETSIZE).
+pub const MAX_HOST_CPUS: usize = 1024;
+
+/// Parses a host CPU list as cpuset(1) and bhyve_config(5) write it: `2`, `0,3`, `4-7,9`.
+/// Returns the CPUs in order, without repeats.
+pub fn parse_cpuset(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let cpu = |t: &str| -> Result<usize, String> {
+            let n: usize = t
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{t}' is not a CPU number"))?;
+            if n >= MAX_HOST_CPUS {
+                return Err(format!(
+                    "CPU {n} is beyond the last one a set can name ({})",
+                    MAX_HOST_CPUS - 1
+                ));
+            }
+            Ok(n)
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (cpu(a)?, cpu(b)?);
+                if a > b {
+                    return Err(format!("the range '{part}' runs backwards"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(cpu(part)?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// A CPU list as `parse_cpuset` reads it (ranges collapsed).
+pub fn cpuset_text(cpus: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", cpus[i], cpus[j])
+        } else {
+            cpus[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 #[cfg(test)]
@@ -647,6 +753,36 @@ mod tests {
             Command::Run(c) => Ok(*c),
             Command::Help => panic!("help"),
         }
+    }
+
+    #[test]
+    fn p_pins_vcpus_to_host_cpu_sets_and_names_what_is_wrong() {
+        let c =
+            run("-c 3 -p 0:1 -p 0:3 -p 2:5 -o vcpu.1.cpuset=2-4,7,3 -o boot.kernel=/k vm").unwrap();
+        assert_eq!(c.cpusets.get(&0), Some(&vec![1, 3]));
+        assert_eq!(c.cpusets.get(&1), Some(&vec![2, 3, 4, 7]));
+        assert_eq!(c.cpusets.get(&2), Some(&vec![5]));
+        assert_eq!(cpuset_text(&[2, 3, 4, 7, 9, 10]), "2-4,7,9-10");
+        assert!(run("-o boot.kernel=/k vm").unwrap().cpusets.is_empty());
+        for (line, names) in [
+            ("-p 1 -o boot.kernel=/k vm", "vcpu:hostcpu"),
+            ("-p x:1 -o boot.kernel=/k vm", "vCPU"),
+            ("-p 0:y -o boot.kernel=/k vm", "host CPU"),
+            ("-p 1:0 -o boot.kernel=/k vm", "vcpu.1.cpuset (-p)"),
+            ("-c 2 -p 2:0 -o boot.kernel=/k vm", "has 2 vCPUs"),
+            ("-p 0:1024 -o boot.kernel=/k vm", "1024"),
+            ("-o vcpu.0.cpuset=3-1 -o boot.kernel=/k vm", "backwards"),
+            ("-o vcpu.0.cpuset= -o boot.kernel=/k vm", "not a CPU number"),
+            ("-o vcpu.x.cpuset=1 -o boot.kernel=/k vm", "vcpu.x.cpuset"),
+        ] {
+            let e = run(line).unwrap_err().to_string();
+            assert!(e.contains(names), "{line}: {e}");
+        }
+        assert_eq!(
+            run("-p").unwrap_err(),
+            OptError::MissingArgument('p'),
+            "-p takes an argument"
+        );
     }
 
     #[test]

@@ -45,6 +45,20 @@ pub enum VmError {
         #[source]
         source: loader::LoaderError,
     },
+    /// A vCPU's host CPU set (`-p`) names CPUs this process may not run on.
+    #[error(
+        "Bad value '{cpus}' for vcpu.{vcpu}.cpuset (-p): host CPU {bad} is not one this process may run on ({allowed})"
+    )]
+    CpuSet {
+        /// The vCPU.
+        vcpu: u32,
+        /// The set given.
+        cpus: String,
+        /// The first CPU of it that is not allowed.
+        bad: usize,
+        /// The CPUs the process may run on.
+        allowed: String,
+    },
     /// The module refused (tunables, capabilities, hw.vmm.maxcpu, the VM's name).
     #[error("{0}")]
     Module(#[from] kmod::VmmError),
@@ -213,6 +227,30 @@ impl Image {
             Image::Bytes(b) => loader::Blob::Bytes(b),
         }
     }
+}
+
+/// The host CPU sets given for vCPUs (`-p`, `vcpu.N.cpuset`), by vCPU, each checked against the
+/// CPUs this process may run on (its affinity mask: `taskset`, a cpuset).
+fn vcpu_cpusets(cfg: &Config) -> Result<Vec<Vec<usize>>, VmError> {
+    let allowed = vcpu_runner::machine::allowed_host_cpus();
+    let mut out = vec![Vec::new(); usize::try_from(cfg.cpus).unwrap_or(0)];
+    for (&vcpu, set) in &cfg.cpusets {
+        if let Some(&bad) = set
+            .iter()
+            .find(|c| !allowed.is_empty() && !allowed.contains(c))
+        {
+            return Err(VmError::CpuSet {
+                vcpu,
+                cpus: crate::opts::cpuset_text(set),
+                bad,
+                allowed: crate::opts::cpuset_text(allowed),
+            });
+        }
+        if let Some(slot) = usize::try_from(vcpu).ok().and_then(|i| out.get_mut(i)) {
+            slot.clone_from(set);
+        }
+    }
+    Ok(out)
 }
 
 /// A kernel or initrd that failed while the loader read it from its file (it shrank, or the file
@@ -850,6 +888,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     }
     let run_cfg = RunConfig {
         pin: cfg.pin,
+        cpusets: vcpu_cpusets(cfg)?,
         trace: cfg.trace_enabled.unwrap_or(cfg.trace_file.is_some()),
         halt_detection: vmm.tunables().halt_detection,
         ..RunConfig::default()

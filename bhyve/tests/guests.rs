@@ -345,6 +345,69 @@ fn sigterm(pid: u32) {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
 }
 
+/// `-p vcpu:hostcpu` (bhyve(8)) puts the vCPU's thread on that host CPU, not on the one the
+/// monitor would choose (the first it may run on); a CPU the process may not run on is an error
+/// naming the option.
+#[test]
+fn p_runs_a_vcpu_on_the_host_cpu_it_names() {
+    use std::io::{BufRead, BufReader};
+    require_kvm();
+    let allowed = vcpu_runner::machine::allowed_host_cpus();
+    let Some(&last) = allowed.last().filter(|_| allowed.len() >= 2) else {
+        eprintln!("skipped: needs two host CPUs");
+        return;
+    };
+    let dir = guest_dir();
+    let tunables = dir.join("p-pin.tunables");
+    std::fs::write(&tunables, "hw.vmm.halt_detection=\"0\"\n").unwrap();
+    let mut child = Command::new(bhyve())
+        .args(["-p", &format!("0:{last}"), "-l", "com1,stdio", "-o"])
+        .arg(format!("boot.kernel={}", dir.join("halt.elf").display()))
+        .arg("-o")
+        .arg(format!("vmm.tunables={}", tunables.display()))
+        .arg(vm_name("ppin"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let halted = lines.any(|l| l.is_ok_and(|l| l.contains("halting with interrupts off")));
+    // The CPUs a thread of the child may run on, by its name.
+    let cpus_of = |name: &str| -> Option<String> {
+        let task = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })?;
+        let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string())
+    };
+    let (vcpu, devmodel) = (cpus_of("vcpu-0"), cpus_of("devmodel-0"));
+    sigterm(pid);
+    let status = child.wait_with_output().unwrap().status;
+    assert!(halted, "the guest did not reach its halt");
+    assert_eq!(vcpu, Some(last.to_string()), "vcpu-0 runs on {vcpu:?}");
+    // Its device-model thread is kept off that CPU (a vCPU spinning for its completion would
+    // hold the CPU the answer needs).
+    let devmodel = devmodel.expect("no devmodel-0 thread");
+    assert_ne!(devmodel, last.to_string(), "devmodel-0 shares vcpu-0's CPU");
+    assert_eq!(status.code(), Some(4), "stopped by signal is status 4");
+
+    // A host CPU outside the process's set.
+    let hello = format!("boot.kernel={}", dir.join("hello.elf").display());
+    let e = bad(&["-p", "0:1023", "-o", &hello, "x"]);
+    assert!(
+        e.contains("vcpu.0.cpuset (-p)") && e.contains("1023"),
+        "{e}"
+    );
+}
+
 /// Voluntary context switches of every thread of process `pid`, by thread name.
 fn wakeups(pid: u32) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();

@@ -22,7 +22,7 @@ use crate::control::{
     install_kick_handler, ControlError, RunState, VcpuControl, VcpuOp, VcpuOpResult,
 };
 use crate::handler::{ExitHandler, FastDevice, Platform, SlowPath, SlowPathError};
-use crate::runner::{pin_to_cpu, run_vcpu, VcpuOutcome};
+use crate::runner::{pin_to_cpu, pin_to_cpus, run_vcpu, VcpuOutcome};
 use crate::stats::VcpuStats;
 
 /// Errors building or running a machine.
@@ -202,6 +202,9 @@ pub struct RunConfig {
     /// Pin vCPU `i` to host CPU [`host_cpu`]`(i % host_cpus)` (and its device-model thread to the
     /// next one).
     pub pin: bool,
+    /// Host CPUs vCPU `i` may run on, given by the user (bhyve's `-p`): when `cpusets[i]` is not
+    /// empty, the vCPU thread runs there instead (whatever `pin` says).
+    pub cpusets: Vec<Vec<usize>>,
     /// Slots per exit ring and per completion ring (power of two).
     pub ring_capacity: u32,
     /// How long a device-model thread spins for records before it parks (it yields its CPU now
@@ -235,6 +238,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             pin: true,
+            cpusets: Vec::new(),
             ring_capacity: 1024,
             device_spin: Duration::from_micros(200),
             completion_spin: Duration::from_micros(100),
@@ -582,8 +586,26 @@ pub fn host_cpus() -> usize {
 /// or in a container's cpuset, vCPU 0 goes to CPU 4, not to CPU 0, where pinning would fail and
 /// leave the thread unpinned.
 pub fn host_cpu(n: usize) -> usize {
+    nth_cpu(allowed_host_cpus(), n)
+}
+
+/// The host CPUs the process may run on, in order, as its affinity mask said when first asked
+/// (empty if it cannot be read).
+pub fn allowed_host_cpus() -> &'static [usize] {
     static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
-    nth_cpu(ALLOWED.get_or_init(allowed_cpus), n)
+    ALLOWED.get_or_init(allowed_cpus)
+}
+
+/// The first CPU of `allowed` after the highest of `set`, going round, that is not in `set`;
+/// `None` if every CPU of `allowed` is in `set` (or `allowed` could not be read).
+fn cpu_outside(allowed: &[usize], set: &[usize]) -> Option<usize> {
+    let top = set.iter().max().copied().unwrap_or(0);
+    let start = allowed.iter().position(|&c| c > top).unwrap_or(0);
+    allowed[start..]
+        .iter()
+        .chain(&allowed[..start])
+        .copied()
+        .find(|c| !set.contains(c))
 }
 
 /// The `n`-th of `allowed` (modulo its length); `n` itself if the set could not be read.
@@ -780,7 +802,20 @@ where
             slow_stats.push(ss.stats.clone());
             let st = slow_stop.clone();
             let spin = cfg.device_spin;
-            let pin = cfg.pin.then(|| host_cpu((idx + 1) % host));
+            let user_set = cfg.cpusets.get(idx).filter(|s| !s.is_empty());
+            // Beside its vCPU, never on a CPU the vCPU may run on: a vCPU spinning for its
+            // completion would hold the CPU the answer needs.
+            let pin = match user_set {
+                Some(set) => cpu_outside(allowed_host_cpus(), set),
+                None => cfg.pin.then(|| host_cpu((idx + 1) % host)),
+            };
+            // A vCPU whose set takes every CPU the process has shares one with its device-model
+            // thread whatever happens: it parks rather than spins.
+            let completion_spin = if user_set.is_some() && pin.is_none() {
+                Duration::ZERO
+            } else {
+                completion_spin
+            };
             let name = format!("devmodel-{i}");
             slow_threads.push(
                 std::thread::Builder::new()
@@ -814,15 +849,18 @@ where
             let create_timeout = cfg.control_timeout;
             let platform = platform.clone();
             let (done, bell) = (done_tx.clone(), stop.clone());
-            let pin = cfg.pin.then(|| host_cpu(idx % host));
+            let pin = match user_set {
+                Some(set) => Some(set.clone()),
+                None => cfg.pin.then(|| vec![host_cpu(idx % host)]),
+            };
             let entry = (i == 0).then_some(entry);
             let name = format!("vcpu-{i}");
             vcpu_threads.push(
                 std::thread::Builder::new()
                     .name(name.clone())
                     .spawn(move || {
-                        if let Some(cpu) = pin {
-                            let _ = pin_to_cpu(cpu);
+                        if let Some(cpus) = pin {
+                            let _ = pin_to_cpus(&cpus);
                         }
                         let outcome = (|| {
                             let mut vcpu = vm.create_vcpu(i);
@@ -1279,6 +1317,18 @@ mod tests {
     impl BusDevice for Nop {
         fn read(&mut self, _o: u64, _d: &mut [u8]) {}
         fn write(&mut self, _o: u64, _d: &[u8]) {}
+    }
+
+    #[test]
+    fn a_device_model_thread_goes_beside_a_vcpu_the_user_pinned_never_onto_its_cpus() {
+        assert_eq!(cpu_outside(&[0, 1, 2, 3], &[1]), Some(2));
+        assert_eq!(cpu_outside(&[0, 1, 2, 3], &[3]), Some(0));
+        assert_eq!(cpu_outside(&[0, 1, 2, 3], &[0, 1, 3]), Some(2));
+        assert_eq!(cpu_outside(&[4, 6], &[6]), Some(4));
+        assert_eq!(cpu_outside(&[0, 1], &[0, 1]), None);
+        assert_eq!(cpu_outside(&[], &[1]), None);
+        // CPUs outside the process's set do not count.
+        assert_eq!(cpu_outside(&[2, 3], &[9]), Some(2));
     }
 
     #[test]

@@ -27,13 +27,21 @@ pub enum VcpuOutcome {
 
 /// Pins the calling thread to host CPU `cpu`. Failure is reported, not fatal (a container may forbid it).
 pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
-    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+    pin_to_cpus(&[cpu])
+}
+
+/// Lets the calling thread run on the host CPUs `cpus` only (none: an error).
+pub fn pin_to_cpus(cpus: &[usize]) -> std::io::Result<()> {
+    let limit = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    if cpus.is_empty() || cpus.iter().any(|&c| c >= limit) {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so CPU_SET writes inside `set`.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for &cpu in cpus {
+        // SAFETY: `cpu` is below CPU_SETSIZE (checked above), so CPU_SET writes inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
     // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
