@@ -324,9 +324,15 @@ fn halting_with_interrupts_off_ends_with_status_2() {
 /// `kernel` (the `halt` guest, or one built from it) under `bhyve` with halt detection off, so
 /// the VM sits idle once the guest has halted; stdout and stderr piped.
 fn spawn_idle(kernel: &Path, name: &str) -> std::process::Child {
+    spawn_idle_with(kernel, name, &[])
+}
+
+/// [`spawn_idle`] with more options before the VM's name.
+fn spawn_idle_with(kernel: &Path, name: &str, extra: &[&str]) -> std::process::Child {
     let tunables = guest_dir().join(format!("{name}.tunables"));
     std::fs::write(&tunables, "hw.vmm.halt_detection=\"0\"\n").unwrap();
     Command::new(bhyve())
+        .args(extra)
         .args(["-l", "com1,stdio", "-o"])
         .arg(format!("boot.kernel={}", kernel.display()))
         .arg("-o")
@@ -358,19 +364,8 @@ fn p_runs_a_vcpu_on_the_host_cpu_it_names() {
         return;
     };
     let dir = guest_dir();
-    let tunables = dir.join("p-pin.tunables");
-    std::fs::write(&tunables, "hw.vmm.halt_detection=\"0\"\n").unwrap();
-    let mut child = Command::new(bhyve())
-        .args(["-p", &format!("0:{last}"), "-l", "com1,stdio", "-o"])
-        .arg(format!("boot.kernel={}", dir.join("halt.elf").display()))
-        .arg("-o")
-        .arg(format!("vmm.tunables={}", tunables.display()))
-        .arg(vm_name("ppin"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let pin = format!("0:{last}");
+    let mut child = spawn_idle_with(&dir.join("halt.elf"), "ppin", &["-p", &pin]);
     let pid = child.id();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let halted = lines.any(|l| l.is_ok_and(|l| l.contains("halting with interrupts off")));
