@@ -213,9 +213,9 @@ pub struct RunConfig {
     /// How long a vCPU spins for a completion before it parks, when the VM's threads have CPUs
     /// of their own (see [`completion_spin_for`]).
     pub completion_spin: Duration,
-    /// Spin for completions even when the VM's vCPU and device-model threads outnumber the
-    /// host's CPUs. By default a vCPU then parks at once: spinning, it would hold the CPU its
-    /// device-model thread needs.
+    /// Spin for completions even where [`completion_spin_for`] would not (one host CPU, or more
+    /// vCPUs than CPUs): by default a vCPU then parks at once, since spinning it could hold the
+    /// CPU its device-model thread needs.
     pub spin_when_shared: bool,
     /// How long a vCPU waits for a completion (or for ring room) before it declares the device side
     /// dead.
@@ -550,23 +550,27 @@ impl<H: Hypervisor> std::fmt::Debug for Machine<H> {
 }
 
 /// How long a vCPU of a VM of `ncpus` vCPUs on `host` CPUs spins for its completion before it
-/// parks: `cfg.completion_spin` when every vCPU thread and every device-model thread can have a
-/// CPU of its own (or with [`RunConfig::spin_when_shared`]), not at all otherwise.
+/// parks: `cfg.completion_spin` when every vCPU has a CPU of its own and its device-model thread
+/// is pinned to another (two CPUs or more, no more vCPUs than CPUs), or with
+/// [`RunConfig::spin_when_shared`]; not at all otherwise.
 ///
 /// A vCPU spins so that the answer its device-model thread makes on another CPU is seen at once.
-/// When the threads outnumber the CPUs, that thread may need the very CPU the vCPU spins on, and
-/// a vCPU's spin never yields (the CPU is the guest's): the answer then waits for the spin to run
-/// out. The device-model thread's own spin yields its CPU now and then, and stays. Measured with
-/// the exits bench on one CPU (`taskset -c 0`, `EXITS_N=20000`, 2026-11-25): a waited read cost
-/// +108 µs over the raw loop with the vCPU's 100 µs spin and +6.5–7.0 µs without it; a posted
-/// write +13 ns with the device-model thread's spin and +6.1 µs without it (every record then
-/// wakes a parked thread). In the rig, whose outer VM has one CPU, a verbose Linux boot (an LSR
-/// read before every byte) took 12.0 s with the spin, against QEMU `-M pc`'s 7.6 s.
+/// On one CPU that thread needs the very CPU the vCPU spins on, and a vCPU's spin never yields
+/// (the CPU is the guest's): the answer then waits for the spin to run out. With more vCPUs than
+/// CPUs, vCPUs spinning on each other's device-model CPUs can wait in a ring. The device-model
+/// thread's own spin yields its CPU now and then, and stays. Measured (2026-11-25):
+/// - the exits bench on one CPU (`taskset -c 0`, `EXITS_N=20000`): a waited read cost +108 µs
+///   over the raw loop with the vCPU's 100 µs spin and +6.5–7.0 µs without it; a posted write
+///   +13 ns with the device-model thread's spin and +6.1 µs without it (every record then wakes
+///   a parked thread);
+/// - in the rig, an outer VM with one CPU: a verbose Linux boot (an LSR read before every byte)
+///   took 12.0 s with the spin, 7.7 s without, QEMU `-M pc` 7.6 s;
+/// - two vCPUs on an outer VM with two CPUs (each vCPU's device-model thread on the other
+///   vCPU's CPU), start to marker, three runs each: spinning 2.36–2.81 s quiet and 7.93–8.48 s
+///   verbose, parking 2.48–2.81 s and 8.13–9.33 s. So two vCPUs on two CPUs spin.
 pub fn completion_spin_for(cfg: &RunConfig, ncpus: u32, host: usize) -> Duration {
-    let threads = usize::try_from(ncpus)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(2);
-    if threads <= host || cfg.spin_when_shared {
+    let own_cpus = host >= 2 && usize::try_from(ncpus).is_ok_and(|n| n <= host);
+    if own_cpus || cfg.spin_when_shared {
         cfg.completion_spin
     } else {
         Duration::ZERO
@@ -1358,7 +1362,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vcpu_spins_for_completions_only_when_every_vm_thread_has_a_cpu_of_its_own() {
+    fn a_vcpu_spins_for_completions_only_with_a_cpu_of_its_own_and_another_for_its_device_model() {
         let cfg = RunConfig::default();
         let spins = cfg.completion_spin;
         assert!(!spins.is_zero());
@@ -1368,10 +1372,12 @@ mod tests {
             (1, 2, spins),
             (1, 8, spins),
             (4, 8, spins),
+            (2, 2, spins),
+            (8, 8, spins),
             (1, 1, none),
-            (2, 2, none),
-            (2, 3, none),
-            (5, 8, none),
+            (2, 1, none),
+            (3, 2, none),
+            (9, 8, none),
             (u32::MAX, 1 << 20, none),
         ] {
             assert_eq!(
