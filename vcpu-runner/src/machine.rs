@@ -199,8 +199,10 @@ impl Devices {
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// Pin vCPU `i` to host CPU [`host_cpu`]`(i % host_cpus)` (and its device-model thread to the
-    /// next one).
+    /// Pin vCPU `i` to the `i % host_cpus`-th of the CPUs the process may run on
+    /// ([`allowed_host_cpus`]), and its device-model thread to the next one. Under
+    /// `taskset -c 4-7`, or in a container's cpuset, vCPU 0 goes to CPU 4, not to CPU 0, where
+    /// pinning would fail and leave the thread unpinned.
     pub pin: bool,
     /// Host CPUs vCPU `i` may run on, given by the user (bhyve's `-p`): when `cpusets[i]` is not
     /// empty, the vCPU thread runs there instead (whatever `pin` says).
@@ -585,19 +587,55 @@ pub fn host_cpus() -> usize {
     *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// The host CPU the `n`-th pinned thread goes to: the `n`-th CPU (modulo their number) of those
-/// the process may run on, as its affinity mask said when first asked. Under `taskset -c 4-7`,
-/// or in a container's cpuset, vCPU 0 goes to CPU 4, not to CPU 0, where pinning would fail and
-/// leave the thread unpinned.
-pub fn host_cpu(n: usize) -> usize {
-    nth_cpu(allowed_host_cpus(), n)
-}
-
 /// The host CPUs the process may run on, in order, as its affinity mask said when first asked
 /// (empty if it cannot be read).
 pub fn allowed_host_cpus() -> &'static [usize] {
     static ALLOWED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
     ALLOWED.get_or_init(allowed_cpus)
+}
+
+/// Where vCPU `idx`'s thread and its device-model thread run, and how long the vCPU spins for
+/// its completions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Placement {
+    /// The vCPU thread's CPUs (`None`: not pinned).
+    vcpu: Option<Vec<usize>>,
+    /// The device-model thread's CPU (`None`: not pinned).
+    device_model: Option<usize>,
+    /// The vCPU's spin for a completion.
+    completion_spin: Duration,
+}
+
+impl Placement {
+    /// vCPU `idx` on `host` CPUs, of which the process may run on `allowed`, with `spin` the
+    /// completion spin [`completion_spin_for`] chose for the VM.
+    ///
+    /// A set the user gave (`cfg.cpusets`) is the vCPU's, and its device-model thread goes
+    /// beside it, never onto a CPU of that set: a vCPU spinning for its completion would hold the
+    /// CPU the answer needs. If the set takes every allowed CPU there is no such place, and the
+    /// vCPU parks rather than spins. Otherwise, with `cfg.pin`, the vCPU goes to the
+    /// `idx % host`-th allowed CPU and its device-model thread to the next one.
+    fn of(cfg: &RunConfig, idx: usize, host: usize, allowed: &[usize], spin: Duration) -> Self {
+        match cfg.cpusets.get(idx).filter(|s| !s.is_empty()) {
+            Some(set) => {
+                let device_model = cpu_outside(allowed, set);
+                Self {
+                    vcpu: Some(set.clone()),
+                    completion_spin: if device_model.is_some() {
+                        spin
+                    } else {
+                        Duration::ZERO
+                    },
+                    device_model,
+                }
+            }
+            None => Self {
+                vcpu: cfg.pin.then(|| vec![nth_cpu(allowed, idx % host)]),
+                device_model: cfg.pin.then(|| nth_cpu(allowed, (idx + 1) % host)),
+                completion_spin: spin,
+            },
+        }
+    }
 }
 
 /// The first CPU of `allowed` after the highest of `set`, going round, that is not in `set`;
@@ -806,20 +844,8 @@ where
             slow_stats.push(ss.stats.clone());
             let st = slow_stop.clone();
             let spin = cfg.device_spin;
-            let user_set = cfg.cpusets.get(idx).filter(|s| !s.is_empty());
-            // Beside its vCPU, never on a CPU the vCPU may run on: a vCPU spinning for its
-            // completion would hold the CPU the answer needs.
-            let pin = match user_set {
-                Some(set) => cpu_outside(allowed_host_cpus(), set),
-                None => cfg.pin.then(|| host_cpu((idx + 1) % host)),
-            };
-            // A vCPU whose set takes every CPU the process has shares one with its device-model
-            // thread whatever happens: it parks rather than spins.
-            let completion_spin = if user_set.is_some() && pin.is_none() {
-                Duration::ZERO
-            } else {
-                completion_spin
-            };
+            let place = Placement::of(cfg, idx, host, allowed_host_cpus(), completion_spin);
+            let pin = place.device_model;
             let name = format!("devmodel-{i}");
             slow_threads.push(
                 std::thread::Builder::new()
@@ -841,7 +867,7 @@ where
             let slow = RingSlowPath {
                 exits: ep,
                 completions: cc,
-                spin: completion_spin,
+                spin: place.completion_spin,
                 timeout: cfg.completion_timeout,
                 stopping: stopping.clone(),
             };
@@ -853,10 +879,7 @@ where
             let create_timeout = cfg.control_timeout;
             let platform = platform.clone();
             let (done, bell) = (done_tx.clone(), stop.clone());
-            let pin = match user_set {
-                Some(set) => Some(set.clone()),
-                None => cfg.pin.then(|| vec![host_cpu(idx % host)]),
-            };
+            let pin = place.vcpu;
             let entry = (i == 0).then_some(entry);
             let name = format!("vcpu-{i}");
             vcpu_threads.push(
@@ -1321,6 +1344,56 @@ mod tests {
     impl BusDevice for Nop {
         fn read(&mut self, _o: u64, _d: &mut [u8]) {}
         fn write(&mut self, _o: u64, _d: &[u8]) {}
+    }
+
+    #[test]
+    fn each_vcpu_and_its_device_model_thread_get_their_cpus_and_spin() {
+        let spin = Duration::from_micros(100);
+        let auto = RunConfig::default();
+        // Automatic: the idx-th allowed CPU, the device model on the next.
+        assert_eq!(
+            Placement::of(&auto, 1, 2, &[4, 6], spin),
+            Placement {
+                vcpu: Some(vec![6]),
+                device_model: Some(4),
+                completion_spin: spin
+            }
+        );
+        let unpinned = RunConfig {
+            pin: false,
+            ..RunConfig::default()
+        };
+        assert_eq!(
+            Placement::of(&unpinned, 0, 2, &[0, 1], spin),
+            Placement {
+                vcpu: None,
+                device_model: None,
+                completion_spin: spin
+            }
+        );
+        // A user's set wins over `pin`, and keeps the device model off its CPUs.
+        let user = RunConfig {
+            pin: false,
+            cpusets: vec![vec![1], vec![0, 1]],
+            ..RunConfig::default()
+        };
+        assert_eq!(
+            Placement::of(&user, 0, 2, &[0, 1], spin),
+            Placement {
+                vcpu: Some(vec![1]),
+                device_model: Some(0),
+                completion_spin: spin
+            }
+        );
+        // A set that takes every allowed CPU: nowhere else for the device model; no spin.
+        assert_eq!(
+            Placement::of(&user, 1, 2, &[0, 1], spin),
+            Placement {
+                vcpu: Some(vec![0, 1]),
+                device_model: None,
+                completion_spin: Duration::ZERO
+            }
+        );
     }
 
     #[test]
