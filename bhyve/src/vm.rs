@@ -581,6 +581,8 @@ fn add_absent(devices: &mut Devices, com2: bool) -> Result<(), VmError> {
 pub fn run(cfg: &Config) -> Result<i32, VmError> {
     since_start_ns();
     install_signal_handlers();
+    // Checked before anything is set up: a bad set is the user's to fix.
+    let cpusets = vcpu_cpusets(cfg)?;
     let kernel = Image::open("kernel", &cfg.kernel, cfg.memory)?;
     phase("kernel opened");
     let initrd = match &cfg.initrd {
@@ -672,16 +674,10 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
             read_failed("initrd", p, &source)
         }
         // The kernel's headers are read from its file, and what it loads straight into guest
-        // memory: the same for the kernel.
-        (
-            _,
-            _,
-            loader::LoaderError::ImageRead { .. }
-            | loader::LoaderError::GuestWrite {
-                what: "protected-mode kernel" | "ELF segment" | "a.out kernel image",
-                ..
-            },
-        ) if matches!(kernel, Image::File(..)) => read_failed("kernel", &cfg.kernel, &source),
+        // memory: the same for the kernel (the only other file the loader reads).
+        _ if matches!(kernel, Image::File(..)) && source.is_file_read_failure() => {
+            read_failed("kernel", &cfg.kernel, &source)
+        }
         _ => VmError::Load {
             path: cfg.kernel.display().to_string(),
             source,
@@ -888,7 +884,7 @@ pub fn run(cfg: &Config) -> Result<i32, VmError> {
     }
     let run_cfg = RunConfig {
         pin: cfg.pin,
-        cpusets: vcpu_cpusets(cfg)?,
+        cpusets,
         trace: cfg.trace_enabled.unwrap_or(cfg.trace_file.is_some()),
         halt_detection: vmm.tunables().halt_detection,
         ..RunConfig::default()

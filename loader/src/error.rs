@@ -404,3 +404,50 @@ pub enum LoaderError {
         source: Box<LoaderError>,
     },
 }
+
+impl LoaderError {
+    /// Whether reading an image's file failed (a header read, or a part read straight into guest
+    /// memory: the file shrank or its file system failed), rather than the image being wrong or
+    /// not fitting.
+    pub fn is_file_read_failure(&self) -> bool {
+        matches!(
+            self,
+            LoaderError::ImageRead { .. }
+                | LoaderError::GuestWrite {
+                    source: GuestMemoryError::IOError(_) | GuestMemoryError::PartialBuffer { .. },
+                    ..
+                }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_read_failure_is_told_from_a_bad_image() {
+        let io = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        let write = |source| LoaderError::GuestWrite {
+            what: "ELF segment",
+            addr: 0x10_0000,
+            len: 4096,
+            source,
+        };
+        assert!(LoaderError::ImageRead {
+            offset: 0,
+            len: 64,
+            source: io()
+        }
+        .is_file_read_failure());
+        assert!(write(GuestMemoryError::IOError(io())).is_file_read_failure());
+        assert!(write(GuestMemoryError::PartialBuffer {
+            expected: 4096,
+            completed: 100
+        })
+        .is_file_read_failure());
+        let address = GuestMemoryError::InvalidGuestAddress(vm_memory::GuestAddress(0));
+        assert!(!write(address).is_file_read_failure());
+        assert!(!LoaderError::NotElf.is_file_read_failure());
+    }
+}

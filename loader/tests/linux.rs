@@ -582,5 +582,6 @@ fn an_initrd_file_loads_like_its_bytes_and_a_short_one_is_refused() {
         matches!(e, LoaderError::GuestWrite { what: "initrd", .. }),
         "{e:?}"
     );
+    assert!(e.is_file_read_failure(), "{e:?}");
     std::fs::remove_file(&path).unwrap();
 }
