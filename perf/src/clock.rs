@@ -162,18 +162,32 @@ pub struct Calibration {
 }
 
 impl Calibration {
+    /// Takes the first bracket if `use_tsc` (and the CPU is x86-64).
+    fn begin(use_tsc: bool) -> Self {
+        Self {
+            start: (cfg!(target_arch = "x86_64") && use_tsc).then(|| {
+                let (t, i, _) = bracket();
+                (t, i)
+            }),
+        }
+    }
+
     /// The calibrated clock, once at least `window` has passed since the start (it sleeps for
     /// what is left, if anything); the `Instant` clock if the TSC is not invariant or did not
     /// move sanely.
     pub fn finish(self, window: Duration) -> Clock {
-        let Some((t0, i0)) = self.start else {
-            return Clock::monotonic();
-        };
+        self.finish_tsc(window).unwrap_or_else(Clock::monotonic)
+    }
+
+    /// The TSC clock once `window` has passed since the start, or `None` (no TSC to use, or it
+    /// did not move sanely).
+    fn finish_tsc(self, window: Duration) -> Option<Clock> {
+        let (t0, i0) = self.start?;
         let left = window.saturating_sub(i0.elapsed());
         if !left.is_zero() {
             std::thread::sleep(left);
         }
-        Clock::tsc_between(t0, i0).unwrap_or_else(Clock::monotonic)
+        Clock::tsc_between(t0, i0)
     }
 }
 
@@ -206,12 +220,7 @@ impl Clock {
     /// Starts a calibration whose window runs while the caller does other work; finish it with
     /// [`Calibration::finish`], which waits only for what is left of the window.
     pub fn start_calibration() -> Calibration {
-        Calibration {
-            start: (cfg!(target_arch = "x86_64") && tsc_is_invariant()).then(|| {
-                let (t, i, _) = bracket();
-                (t, i)
-            }),
-        }
+        Calibration::begin(tsc_is_invariant())
     }
 
     /// The `Instant` clock (one tick per nanosecond), whatever the CPU offers.
@@ -228,12 +237,7 @@ impl Clock {
     /// The TSC clock calibrated over `window`, or `None` if the TSC did not move sanely (a rate
     /// outside 0.05..20 ticks per nanosecond, i.e. 50 MHz..20 GHz, or a backwards step).
     pub fn calibrate_tsc(window: Duration) -> Option<Self> {
-        if !cfg!(target_arch = "x86_64") {
-            return None;
-        }
-        let (t0, i0, _) = bracket();
-        std::thread::sleep(window);
-        Self::tsc_between(t0, i0)
+        Calibration::begin(true).finish_tsc(window)
     }
 
     /// The TSC clock from a bracket taken at (`t0`, `i0`) and one taken now.
